@@ -1,0 +1,125 @@
+"""Mamba-1 mixer (selective SSM), as in the released checkpoint (``model.layers.{i}.attn.*``).
+
+forward(x) runs a whole chunk (prefill, chunked prefill or training); step(x, state) runs one token.
+Both return ``(out, memory)`` where ``memory`` is the *ungated* scan output y (after the D skip, before
+the silu(z) gate and out_proj): SambaY's memory layer exports it to every GMU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sambay.kernels import silu_mul
+from sambay.kernels.reference_scan import selective_scan_ref, selective_step_ref
+
+
+class Mamba(nn.Module):
+    """Args: hidden (C), d_inner (E), d_state (N), d_conv (K), dt_rank (R), conv_bias, proj_bias,
+    memory_producer: if True the output gate is applied to y rounded to the model dtype (the HF
+    memory layer's second rounding); otherwise y * silu(z) is fused in fp32 with one rounding."""
+
+    def __init__(self, hidden: int, d_inner: int, d_state: int = 16, d_conv: int = 4, dt_rank: int | None = None,
+                 conv_bias: bool = True, proj_bias: bool = False, memory_producer: bool = False,
+                 device=None, dtype=None):
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        self.d_inner, self.d_state, self.d_conv = d_inner, d_state, d_conv
+        self.dt_rank = dt_rank or math.ceil(hidden / 16)
+        self.memory_producer = memory_producer
+        self.in_proj = nn.Linear(hidden, 2 * d_inner, bias=proj_bias, **kw)
+        self.conv1d = nn.Conv1d(d_inner, d_inner, d_conv, groups=d_inner, bias=conv_bias, **kw)
+        self.x_proj = nn.Linear(d_inner, self.dt_rank + 2 * d_state, bias=False, **kw)
+        self.dt_proj = nn.Linear(self.dt_rank, d_inner, bias=True, **kw)
+        # Keep in fp32 whatever the model dtype (mamba_ssm does the same): A = -exp(A_log) and D.
+        self.A_log = nn.Parameter(torch.empty(d_inner, d_state, device=device, dtype=torch.float32))
+        self.D = nn.Parameter(torch.empty(d_inner, device=device, dtype=torch.float32))
+        self.out_proj = nn.Linear(d_inner, hidden, bias=proj_bias, **kw)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Mamba-1 initialisation (S4D-real A, dt log-uniform in [1e-3, 1e-1])."""
+        for lin in (self.in_proj, self.x_proj, self.out_proj):
+            lin.reset_parameters()
+        self.conv1d.reset_parameters()
+        std = self.dt_rank ** -0.5
+        nn.init.uniform_(self.dt_proj.weight, -std, std)
+        dt = torch.exp(torch.rand(self.d_inner, device=self.D.device) * (math.log(0.1) - math.log(1e-3))
+                       + math.log(1e-3)).clamp(min=1e-4)
+        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        a = torch.arange(1, self.d_state + 1, dtype=torch.float32, device=self.A_log.device)
+        self.A_log.copy_(torch.log(a).expand(self.d_inner, -1))
+        self.D.fill_(1.0)
+
+    def _ssm_inputs(self, xc: torch.Tensor):
+        """From the conv output (B, T, E) compute delta (fp32, softplus'd), B and C (B, T, N)."""
+        dt_raw, b, c = self.x_proj(xc).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.linear(dt_raw, self.dt_proj.weight)  # bias is added in fp32 before the softplus, as HF does
+        # softplus with threshold 20 (identity above it), the CUDA scan's rule.
+        delta = F.softplus(dt.float() + self.dt_proj.bias.float())
+        return delta, b, c
+
+    def _gate(self, y: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """y: fp32 (B, T, E) ungated scan output; returns (gated output, memory), both in z.dtype."""
+        memory = y.to(z.dtype)
+        if self.memory_producer:
+            return silu_mul(z, memory), memory  # HF: y rounded first, then the gate (two roundings)
+        return silu_mul(z, y), memory  # HF: the scan kernel fuses the gate in fp32 (one rounding)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, state=None):
+        """Args:
+            x: (B, T, C) normed hidden states.
+            mask: (B, T) 1 for real tokens, 0 for (left) padding, or None.
+            state: a ``MambaState`` to continue from and update in place, or None (start from zeros).
+        Returns:
+            out (B, T, C), memory (B, T, E).
+        """
+        B, T, _ = x.shape
+        xs, z = self.in_proj(x).chunk(2, dim=-1)  # (B, T, E) each
+        if mask is not None:
+            xs = xs * mask[..., None].to(xs.dtype)
+        K = self.d_conv
+        xs_t = xs.transpose(1, 2)  # (B, E, T)
+        if state is not None:
+            history = torch.cat([state.conv, xs_t], dim=2)  # (B, E, K-1+T)
+            state.conv.copy_(history[:, :, -(K - 1):])
+        else:
+            history = F.pad(xs_t, (K - 1, 0))
+        # depthwise causal conv in fp32, rounded once (causal_conv1d computes in fp32)
+        w = self.conv1d.weight.float()
+        bias = self.conv1d.bias.float() if self.conv1d.bias is not None else None
+        xc = F.silu(F.conv1d(history.float(), w, bias, groups=self.d_inner)).to(x.dtype).transpose(1, 2)
+        if mask is not None:
+            xc = xc * mask[..., None].to(xc.dtype)
+        delta, b, c = self._ssm_inputs(xc)
+        A = -torch.exp(self.A_log.float())
+        s0 = state.ssm if state is not None else None
+        y, s_last = selective_scan_ref(xc, delta, A, b, c, self.D, s0)  # y: (B, T, E) fp32
+        if state is not None:
+            state.ssm.copy_(s_last)
+        out, memory = self._gate(y, z)
+        return self.out_proj(out), memory
+
+    def step(self, x: torch.Tensor, state, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One decode token. x: (B, 1, C); ``state`` (MambaState) is updated in place; mask: (B, 1) or None.
+        Returns out (B, 1, C), memory (B, 1, E)."""
+        xs, z = self.in_proj(x).chunk(2, dim=-1)  # (B, 1, E)
+        if mask is not None:
+            xs = xs * mask[..., None].to(xs.dtype)
+        window = torch.cat([state.conv, xs.transpose(1, 2)], dim=2)  # (B, E, K)
+        state.conv.copy_(window[:, :, 1:])
+        w = self.conv1d.weight[:, 0, :].float()  # (E, K)
+        xc = (window.float() * w).sum(-1)
+        if self.conv1d.bias is not None:
+            xc = xc + self.conv1d.bias.float()
+        xc = F.silu(xc).to(x.dtype)[:, None, :]  # (B, 1, E)
+        if mask is not None:
+            xc = xc * mask[..., None].to(xc.dtype)
+        delta, b, c = self._ssm_inputs(xc)
+        A = -torch.exp(self.A_log.float())
+        y = selective_step_ref(state.ssm, xc[:, 0], delta[:, 0], A, b[:, 0], c[:, 0], self.D)
+        out, memory = self._gate(y[:, None, :], z)
+        return self.out_proj(out), memory

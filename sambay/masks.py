@@ -1,0 +1,87 @@
+"""Attention plans: which keys each query row sees, built once per forward and shared by all layers
+of a kind (all sliding layers share one plan, the full-attention layer one, the cross layers one).
+
+Visibility rule (ARCHITECTURE.md 4.8): key position j is visible to query position i iff the key is a
+real token, j <= i, and for sliding layers j > i - W (W keys including the current one). A plan is a
+list of SDPA calls; masks are skipped whenever the rule reduces to "all keys" or plain causal.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sambay.layers.attention import AttnCall
+
+
+def visible(qpos: torch.Tensor, kpos: torch.Tensor, kvalid: torch.Tensor | None, window: int | None,
+            batch: int) -> torch.Tensor:
+    """(B, 1, tq, tk) bool mask. qpos: (tq,), kpos: (tk,) absolute positions (-1 = empty slot),
+    kvalid: (B, tk) real-token flags or None. Rows with no visible key (padded queries) see every
+    key instead, so SDPA stays finite; their outputs are zeroed afterwards (q_valid)."""
+    m = (kpos[None, :] >= 0) & (kpos[None, :] <= qpos[:, None])
+    if window is not None:
+        m = m & (kpos[None, :] > qpos[:, None] - window)
+    m = m[None].expand(batch, -1, -1)
+    if kvalid is not None:
+        m = m & kvalid[:, None, :]
+    m = m | ~m.any(-1, keepdim=True)
+    return m[:, None]
+
+
+def prefix_plan(p0: int, T: int, q_rows: int, kvalid: torch.Tensor | None, batch: int,
+                device: torch.device) -> list[AttnCall]:
+    """Plan for full and cross attention: the keys are positions 0..p0+T-1 (a prefix), the queries are
+    the last ``q_rows`` of the T new positions p0..p0+T-1. kvalid: (B, p0+T) or None."""
+    S = p0 + T
+    if kvalid is None:
+        if q_rows == 1:
+            return [AttnCall(slice(0, 1), slice(0, S))]  # the last query sees every key
+        if q_rows == S:
+            return [AttnCall(slice(0, q_rows), slice(0, S), causal=True)]
+    qpos = torch.arange(S - q_rows, S, device=device)
+    kpos = torch.arange(S, device=device)
+    return [AttnCall(slice(0, q_rows), slice(0, S), visible(qpos, kpos, kvalid, None, batch))]
+
+
+def sliding_plan(p0: int, T: int, window: int, ring_pos: torch.Tensor | None, kvalid: torch.Tensor | None,
+                 batch: int, device: torch.device) -> list[AttnCall]:
+    """Plan for sliding-window attention over keys laid out as [ring slots | T new keys].
+
+    ring_pos: (R,) positions held by the ring before this call (-1 = empty), or None when the ring
+    is not read (no cache, or nothing cached yet). kvalid: (B, p0+T) real-token flags by position, or
+    None. Long inputs are cut into query blocks of ``window`` rows that only see the keys their window
+    can reach, so the cost is O(T * W), not O(T^2).
+    """
+    R = 0 if ring_pos is None else ring_pos.numel()
+    new_pos = torch.arange(p0, p0 + T, device=device)
+    kpos_all = new_pos if ring_pos is None else torch.cat([ring_pos, new_pos])
+    kvalid_all = None
+    if kvalid is not None:
+        kvalid_all = kvalid[:, kpos_all.clamp(min=0)] & (kpos_all >= 0)
+    block = T if T <= 2 * window else window
+    plan = []
+    for t0 in range(0, T, block):
+        t1 = min(T, t0 + block)
+        # Ring slots hold positions < p0; only queries with t0 < window - 1 can reach them.
+        k0 = 0 if t0 < window - 1 else R + t0 - window + 1
+        if kvalid_all is None and ring_pos is None and t0 == 0 and t1 <= window:
+            plan.append(AttnCall(slice(t0, t1), slice(0, t1), causal=True))  # the window covers everything
+            continue
+        kv = None if kvalid_all is None else kvalid_all[:, k0:R + t1]
+        mask = visible(new_pos[t0:t1], kpos_all[k0:R + t1], kv, window, batch)
+        plan.append(AttnCall(slice(t0, t1), slice(k0, R + t1), mask))
+    return plan
+
+
+def ring_plan(ring_pos: torch.Tensor, full: bool, kvalid: torch.Tensor | None, batch: int) -> list[AttnCall]:
+    """Plan for one decode token attending its ring after the token was written into it.
+
+    ring_pos: (R,) positions held by each slot (-1 = empty). All held positions are inside the window
+    (the ring has at most W slots), so the mask only removes empty slots and padding."""
+    R = ring_pos.numel()
+    if full and kvalid is None:
+        return [AttnCall(slice(0, 1), slice(0, R))]
+    kv = (ring_pos >= 0)[None].expand(batch, -1)
+    if kvalid is not None:
+        kv = kv & kvalid[:, ring_pos.clamp(min=0)]
+    return [AttnCall(slice(0, 1), slice(0, R), kv[:, None, None, :])]

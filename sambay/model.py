@@ -1,0 +1,287 @@
+"""SambaY decoder-hybrid-decoder: the only file that knows the data flow between layers.
+
+    self-decoder   0 .. N/2+1 : Mamba / sliding-window diff-attention alternating; layer N/2 (Mamba)
+                                exports its ungated scan output as the memory; layer N/2+1 (full
+                                diff-attention) exports its K/V as the one shared KV cache.
+    cross-decoder  N/2+2 .. N-1: GMU (gated by the memory) / cross diff-attention (own Q, shared K/V).
+
+The cross-decoder keeps no state, so it only runs on the positions whose logits are wanted
+(``logits_to_keep``): the YOCO prefill skip, exact by construction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from sambay.cache import SambaYCache
+from sambay.config import SambaYConfig
+from sambay.layers import GMU, MLP, Attention, AttnCall, CrossAttention, DiffAttentionCore, Mamba
+from sambay.masks import prefix_plan, ring_plan, sliding_plan
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor  # (B, T_kept, V)
+    loss: torch.Tensor | None = None
+    cache: SambaYCache | None = None
+
+
+@dataclass
+class _Context:
+    """What one forward call shares between layers (built once, read by every Block)."""
+
+    dtype: torch.dtype
+    p0: int  # position of the first new token
+    cache: SambaYCache | None
+    pad: torch.Tensor | None  # (B, T) bool real-token flags of the new tokens; None = no padding
+    sliding: list[AttnCall]
+    full: list[AttnCall]
+    cross: list[AttnCall]
+    pad_kept: torch.Tensor | None = None  # pad for the positions the cross-decoder runs on
+    memory: torch.Tensor | None = None  # (B, T, E) from the memory layer
+    kv: tuple[torch.Tensor, torch.Tensor] | None = None  # shared K/V from the full-attention layer
+
+
+class Block(nn.Module):
+    """LayerNorm -> mixer -> residual -> LayerNorm -> SwiGLU MLP -> residual. The residual stream is
+    fp32; each sublayer input is cast to the model dtype first (HF's rounding points)."""
+
+    def __init__(self, config: SambaYConfig, index: int, device=None, dtype=None):
+        super().__init__()
+        c, kw = config, {"device": device, "dtype": dtype}
+        self.index, self.role = index, c.layer_types[index]
+        self.input_layernorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps, **kw)
+        if self.role == "mamba":
+            self.attn = Mamba(c.hidden_size, c.d_inner, c.mamba_d_state, c.mamba_d_conv, c.dt_rank,
+                              c.mamba_conv_bias, c.mamba_proj_bias, memory_producer=index == c.memory_layer, **kw)
+        elif self.role == "gmu":
+            self.attn = GMU(c.hidden_size, c.d_inner, **kw)
+        elif self.role == "cross_attention":
+            self.attn = CrossAttention(c.hidden_size, c.num_attention_heads, c.head_dim, c.lambda_init(index), **kw)
+        else:
+            self.attn = Attention(c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
+                                  c.lambda_init(index), **kw)
+        if isinstance(self.attn, (Attention, CrossAttention)):
+            self.attn.inner_cross_attn.dropout = c.attention_dropout
+        self.post_attention_layernorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps, **kw)
+        self.mlp = MLP(c.hidden_size, c.intermediate_size, **kw)
+        self.resid_dropout = nn.Dropout(c.resid_pdrop)
+        self.is_memory_layer = index == c.memory_layer
+
+    def forward(self, h: torch.Tensor, ctx: _Context) -> torch.Tensor:
+        """h: (B, T, C) fp32 residual stream -> (B, T, C) fp32."""
+        a = self.input_layernorm(h.to(ctx.dtype))
+        h = h + self.resid_dropout(self._mix(a, ctx))
+        return h + self.resid_dropout(self.mlp(self.post_attention_layernorm(h.to(ctx.dtype))))
+
+    def _mix(self, a: torch.Tensor, ctx: _Context) -> torch.Tensor:
+        state = ctx.cache.layers[self.index] if ctx.cache is not None else None
+        role, T = self.role, a.shape[1]
+        if role == "mamba":
+            if state is not None and T == 1:
+                out, memory = self.attn.step(a, state, ctx.pad)
+            else:
+                out, memory = self.attn(a, ctx.pad, state)
+            if self.is_memory_layer:
+                ctx.memory = memory
+            return out
+        if role == "gmu":
+            return self.attn(a, ctx.memory)
+        if role == "cross_attention":
+            return self.attn(a, *ctx.kv, ctx.cross, ctx.pad_kept)
+        q, k, v = self.attn.project(a)
+        if role == "full_attention":
+            if state is not None:
+                k, v = state.write(k, v, ctx.p0)
+            ctx.kv = (k, v)
+            return self.attn(q, k, v, ctx.full, ctx.pad)
+        # sliding window
+        if state is not None:
+            if T == 1:  # decode: write into the ring first, then attend over the ring in place
+                state.write(k, v, ctx.p0)
+                k, v = state.k, state.v
+            else:
+                new_k, new_v = k, v
+                if ctx.p0 > 0:  # earlier chunks: the ring's keys come first (sliding_plan's layout)
+                    k, v = torch.cat([state.k, k], dim=3), torch.cat([state.v, v], dim=2)
+                state.write(new_k, new_v, ctx.p0)
+        return self.attn(q, k, v, ctx.sliding, ctx.pad)
+
+
+class SambaYModel(nn.Module):
+    def __init__(self, config: SambaYConfig, device=None, dtype=None):
+        super().__init__()
+        self.config = config
+        kw = {"device": device, "dtype": dtype}
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, **kw)
+        self.layers = nn.ModuleList(Block(config, i, **kw) for i in range(config.num_hidden_layers))
+        self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps, **kw)
+        self.gradient_checkpointing = False
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                cache: SambaYCache | None = None, logits_to_keep: int = 0) -> torch.Tensor:
+        """Args:
+            input_ids: (B, T) new tokens (the whole sequence without a cache; a continuation with one).
+            attention_mask: (B, T) without a cache, (B, cache.length + T) with one (HF convention: it
+                covers every position so far); 1 = real token, 0 = left padding.
+            cache: continue from and update this SambaYCache in place.
+            logits_to_keep: run the cross-decoder and final norm on the last k positions only (0 = all).
+        Returns:
+            (B, T_kept, C) final-norm output in the model dtype.
+        """
+        B, T = input_ids.shape
+        dtype, device = self.embed_tokens.weight.dtype, input_ids.device
+        p0 = 0 if cache is None else cache.length
+        if cache is not None:
+            cache.check(B, T, dtype, device)
+        valid = self._valid(attention_mask, cache, B, T, p0, device)
+        keep = T if logits_to_keep <= 0 or logits_to_keep >= T else logits_to_keep
+        pad = None if valid is None else valid[:, p0:p0 + T]
+        ctx = _Context(dtype, p0, cache, pad, self._sliding_plan(cache, p0, T, valid, B, device),
+                       prefix_plan(p0, T, T, valid, B, device), prefix_plan(p0, T, keep, valid, B, device),
+                       pad_kept=None if pad is None else pad[:, T - keep:])
+        h = self.embed_tokens(input_ids).float()  # the residual stream is fp32 from layer 0 on
+        for block in self.layers:
+            if block.index == self.config.first_cross_layer and keep < T:
+                h, ctx.memory = h[:, T - keep:], ctx.memory[:, T - keep:]  # YOCO prefill skip
+                ctx.pad = ctx.pad_kept
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                h = checkpoint(block, h, ctx, use_reentrant=False)
+            else:
+                h = block(h, ctx)
+        if cache is not None:
+            cache.length = p0 + T
+        return self.final_layernorm(h[:, h.shape[1] - keep:].to(dtype))
+
+    def _valid(self, attention_mask, cache, B, T, p0, device) -> torch.Tensor | None:
+        """(B, p0+T) bool real-token flags by position, or None when nothing is padded."""
+        expected = (B, p0 + T)
+        if attention_mask is not None and tuple(attention_mask.shape) != expected:
+            where = f"cache.length ({p0}) + new tokens ({T})" if cache is not None else "input_ids"
+            raise ValueError(f"attention_mask: expected shape {expected} ({where}), got {tuple(attention_mask.shape)}")
+        new = None if attention_mask is None else attention_mask[:, p0:].to(device=device, dtype=torch.bool)
+        padded = new is not None and not bool(new.all())  # one host sync, only when a mask is given
+        if cache is None:
+            return new if padded else None
+        cache.valid[:, p0:p0 + T] = True if new is None else new
+        cache.has_padding = cache.has_padding or padded
+        return cache.valid[:, :p0 + T] if cache.has_padding else None
+
+    def _sliding_plan(self, cache, p0, T, valid, B, device) -> list[AttnCall]:
+        W = self.config.sliding_window
+        ring = None
+        if cache is not None:
+            ring = cache.layers[self.config.layer_types.index("sliding_attention")]
+        if ring is not None and T == 1:
+            return ring_plan(ring.positions(p0), p0 >= ring.slots - 1, valid, B)
+        ring_pos = ring.positions(p0 - 1) if ring is not None and p0 > 0 else None
+        return sliding_plan(p0, T, W, ring_pos, valid, B, device)
+
+
+class SambaYForCausalLM(nn.Module):
+    """SambaY with a (tied) LM head. Parameter names equal the checkpoint keys."""
+
+    def __init__(self, config: SambaYConfig, device=None, dtype=None):
+        super().__init__()
+        self.config = config
+        self.model = SambaYModel(config, device=device, dtype=dtype)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device=device, dtype=dtype)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        if self.lm_head.weight.device.type != "meta":
+            self.init_weights()
+
+    # ---- properties -----------------------------------------------------------------------------
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Random initialisation for training from scratch (checkpoints overwrite all of it)."""
+        std = self.config.initializer_range
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=std)
+                if getattr(m, "bias", None) is not None:
+                    m.bias.zero_()
+            elif isinstance(m, (nn.LayerNorm, DiffAttentionCore)):
+                m.reset_parameters()
+        for m in self.modules():  # Mamba's own recipe (conv, dt, A, D) after the generic Linear init
+            if isinstance(m, Mamba):
+                m.reset_parameters()
+                for lin in (m.in_proj, m.x_proj, m.out_proj):
+                    nn.init.normal_(lin.weight, std=std)
+
+    # ---- forward --------------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                cache: SambaYCache | None = None, labels: torch.Tensor | None = None,
+                logits_to_keep: int = 0) -> CausalLMOutput:
+        """Args:
+            input_ids: (B, T); attention_mask: see SambaYModel.forward; cache: SambaYCache or None.
+            labels: (B, T) targets aligned with input_ids (shifted inside; -100 and padded positions
+                are ignored). Needs logits for every position (logits_to_keep=0).
+            logits_to_keep: return logits for the last k positions only (0 = all).
+        Returns:
+            CausalLMOutput with logits (B, T_kept, V) in the model dtype and loss (fp32) if labels.
+        """
+        if labels is not None and logits_to_keep not in (0, input_ids.shape[1]):
+            raise ValueError(f"labels need logits at every position: expected logits_to_keep=0, got {logits_to_keep}")
+        h = self.model(input_ids, attention_mask, cache, logits_to_keep)
+        logits = self.lm_head(h)
+        loss = None
+        if labels is not None:
+            loss = causal_lm_loss(logits, labels, attention_mask)
+        return CausalLMOutput(logits=logits, loss=loss, cache=cache)
+
+    def allocate_cache(self, batch_size: int, max_length: int, dtype: torch.dtype | None = None,
+                       device: torch.device | str | None = None) -> SambaYCache:
+        """Allocate the static decode state for ``batch_size`` sequences of up to ``max_length`` tokens."""
+        return SambaYCache(self.config, batch_size, max_length, dtype or self.dtype, device or self.device)
+
+    def gradient_checkpointing_enable(self) -> None:
+        """Recompute each decoder layer's activations in backward (same gradients, less memory)."""
+        self.model.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.model.gradient_checkpointing = False
+
+    # ---- loading, saving, generation (thin wrappers; the logic lives in its own module) --------
+    @classmethod
+    def from_pretrained(cls, path, dtype: torch.dtype | None = None, device=None) -> SambaYForCausalLM:
+        from sambay.loading import from_pretrained
+
+        return from_pretrained(path, dtype=dtype, device=device, cls=cls)
+
+    def save_pretrained(self, directory, max_shard_size: int | str = "5GB") -> None:
+        from sambay.loading import save_pretrained
+
+        save_pretrained(self, directory, max_shard_size=max_shard_size)
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        from sambay.generation import generate
+
+        return generate(self, input_ids, attention_mask=attention_mask, **kwargs)
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                   ignore_index: int = -100) -> torch.Tensor:
+    """Mean next-token cross-entropy over real target tokens (fp32). logits (B, T, V), labels (B, T)."""
+    target = labels[:, 1:]
+    if attention_mask is not None:
+        target = target.masked_fill(attention_mask[:, -labels.shape[1]:][:, 1:] == 0, ignore_index)
+    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), target.reshape(-1),
+                           ignore_index=ignore_index)
