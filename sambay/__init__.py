@@ -1,0 +1,23 @@
+"""sambay: the SambaY decoder-hybrid-decoder (Phi-4-mini-flash-reasoning) in plain PyTorch."""
+
+from sambay.cache import SambaYCache, cache_nbytes
+from sambay.config import SambaYConfig
+from sambay.model import CausalLMOutput, SambaYForCausalLM, SambaYModel
+
+__version__ = "0.1.0"
+
+
+def from_pretrained(path, dtype=None, device=None) -> SambaYForCausalLM:
+    """Load a checkpoint directory (or hub id) as a SambaYForCausalLM. See SambaYForCausalLM.from_pretrained."""
+    return SambaYForCausalLM.from_pretrained(path, dtype=dtype, device=device)
+
+
+def generate(model, input_ids, **kwargs):
+    """model.generate(input_ids, **kwargs) as a function."""
+    from sambay.generation import generate as _generate
+
+    return _generate(model, input_ids, **kwargs)
+
+
+__all__ = ["SambaYConfig", "SambaYForCausalLM", "SambaYModel", "SambaYCache", "CausalLMOutput", "cache_nbytes",
+           "from_pretrained", "generate"]
