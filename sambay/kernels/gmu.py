@@ -13,6 +13,8 @@ M x E activation kept alive), and emits ``dh`` and ``dmemory`` in its epilogue; 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -175,13 +177,19 @@ def _gmu_bwd(x: torch.Tensor, w: torch.Tensor, mem: torch.Tensor, grad: torch.Te
 
 
 # ------------------------------------------------------------------------------------------ autograd glue
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """(..., D) -> (M, D); explicit M because ``reshape(-1, 0)`` is ambiguous when D == 0."""
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
+
+
 class _GmuFunction(torch.autograd.Function):
     """Saves x, W and memory (all needed anyway), never h: the backward kernel recomputes it."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, w: torch.Tensor, mem: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, x.shape[-1])        # a view whenever the leading dims collapse by strides
-        mem2 = mem.reshape(-1, mem.shape[-1])
+        # Views whenever the leading dims collapse by strides (fused halves, sliced steps); a copy only
+        # for layouts that are not rows-with-a-stride (e.g. transposed leading dims).
+        x2, mem2 = _rows(x), _rows(mem)
         ctx.save_for_backward(x2, w, mem2)
         ctx.x_shape = x.shape
         return _gmu_fwd(x2, w, mem2).reshape(*x.shape[:-1], w.shape[0])
@@ -190,7 +198,7 @@ class _GmuFunction(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         x2, w, mem2 = ctx.saved_tensors
         need_dx, need_dw, need_dmem = ctx.needs_input_grad[:3]
-        g2 = grad.reshape(-1, grad.shape[-1])
+        g2 = _rows(grad)
         dh, dmem = _gmu_bwd(x2, w, mem2, g2, need_dh=need_dx or need_dw, need_dmem=need_dmem)
         dx = (dh @ w).reshape(ctx.x_shape) if need_dx else None
         dw = dh.t() @ x2 if need_dw else None

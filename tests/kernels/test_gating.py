@@ -150,14 +150,17 @@ def test_row_strided_views_are_not_copied(layout):
     assert g2 is gate and v2 is value
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning",
+                            "ignore:invalid value encountered:RuntimeWarning")   # numpy, in the interpreter
 def test_extreme_values_match_twin(kernel_device, poison_empty, within_ulps):
     special = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 80.0, -80.0, 100.0, -100.0, 1e4, -1e4,
                             math.inf, -math.inf, math.nan], device=kernel_device)
     gate = torch.cat([special, _randn(C, dtype=torch.float32, device=kernel_device, seed=30)])
     value = _randn(gate.numel(), dtype=torch.float32, device=kernel_device, seed=31)
-    for dtype in (torch.float32, torch.bfloat16):
+    # fp32: the kernel's exp and PyTorch's may differ by an ulp, which the divide and multiply can double.
+    for dtype, ulps in ((torch.float32, 4), (torch.bfloat16, 1)):
         g, v = gate.to(dtype), value.to(dtype)
-        assert within_ulps(silu_mul_triton(g, v), silu_mul_ref(g, v), 1)
+        assert within_ulps(silu_mul_triton(g, v), silu_mul_ref(g, v), ulps)
 
 
 def test_reads_stay_inside_the_view(kernel_device, poison_empty):
@@ -225,7 +228,10 @@ def test_autograd_matches_twin(dtype, layout, kernel_device, poison_empty):
         grads.append([leaf.grad for leaf in ls])
     for actual, expected in zip(*grads):
         assert not actual.isnan().any()
-        torch.testing.assert_close(actual, expected)   # dtype-aware default tolerances (~2 ulps for bf16)
+        # A few ulps: autograd sums the per-element grads of an expanded value, and each summand may
+        # already be one ulp off; the sum's error is relative to the summands, hence the atol.
+        eps = torch.finfo(dtype).eps
+        torch.testing.assert_close(actual, expected, rtol=4 * eps, atol=4 * eps * expected.abs().max().item())
 
 
 @pytest.mark.parametrize("needs", [(True, False), (False, True)], ids=["gate-only", "value-only"])
@@ -251,7 +257,7 @@ def _err(actual, exact):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("rows,c", [pytest.param(4096, 4096, id="16M-elements"),
                                     pytest.param(3 * 1021, 5 * 1031, id="odd-15.8M-elements")])
-def test_cuda_bf16_realistic(rows, c):
+def test_cuda_bf16_realistic(rows, c, within_ulps):
     """bf16 fused halves at 16M elements: forward within 1 ulp of the twin, and both forward and backward
     no worse than twice the twin's own error against the fp32 math."""
     from sambay.kernels import triton_interpreter
@@ -273,16 +279,9 @@ def test_cuda_bf16_realistic(rows, c):
         results[name] = (out, uu.grad)
     (out_t, grad_t), (out_r, grad_r) = results["triton"], results["torch"]
     assert not out_t.isnan().any() and not grad_t.isnan().any()
-    assert within_ulps_cuda(out_t, out_r)
+    assert within_ulps(out_t, out_r, 1)
     assert _err(out_t, exact) <= 2 * _err(out_r, exact) + 1e-6
     assert _err(grad_t, u32.grad) <= 2 * _err(grad_r, u32.grad) + 1e-6
-
-
-def within_ulps_cuda(actual, expected):
-    info = torch.finfo(actual.dtype)
-    a, e = actual.float(), expected.float()
-    ulp = info.eps * torch.exp2(torch.floor(torch.log2(torch.maximum(a.abs(), e.abs()).clamp_min(info.tiny))))
-    return bool(((a - e).abs() <= ulp).all())
 
 
 @pytest.mark.cuda
