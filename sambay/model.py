@@ -21,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 from sambay.cache import SambaYCache
 from sambay.config import SambaYConfig
 from sambay.layers import GMU, MLP, Attention, AttnCall, CrossAttention, DiffAttentionCore, Mamba
+from sambay.kernels.reference import f32
 from sambay.masks import prefix_plan, ring_plan, sliding_plan
 
 
@@ -145,7 +146,7 @@ class SambaYModel(nn.Module):
         ctx = _Context(dtype, p0, cache, pad, self._sliding_plan(cache, p0, T, valid, B, device),
                        prefix_plan(p0, T, T, valid, B, device), prefix_plan(p0, T, keep, valid, B, device),
                        pad_kept=None if pad is None else pad[:, T - keep:])
-        h = self.embed_tokens(input_ids).float()  # the residual stream is fp32 from layer 0 on
+        h = f32(self.embed_tokens(input_ids))  # the residual stream is fp32 from layer 0 on
         for block in self.layers:
             if block.index == self.config.first_cross_layer and keep < T:
                 h, ctx.memory = h[:, T - keep:], ctx.memory[:, T - keep:]  # YOCO prefill skip

@@ -26,7 +26,7 @@ def fixture_model(name: str, dtype=None) -> SambaYForCausalLM:
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """max |out - ref| / max |ref|, in float64 (NaN-safe: a NaN gives inf)."""
-    out, ref = out.double(), ref.double()
+    out, ref = out.detach().double(), ref.detach().double()
     if torch.isnan(out).any():
         return float("inf")
     return float((out - ref).abs().max() / ref.abs().max().clamp(min=1e-30))

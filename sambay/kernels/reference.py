@@ -10,6 +10,11 @@ import torch
 import torch.nn.functional as F
 
 
+def f32(x: torch.Tensor) -> torch.Tensor:
+    """Upcast to at least fp32 for accumulation; fp64 stays fp64 (gradcheck runs the model in fp64)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def silu_mul_ref(gate: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """silu(gate) * value, computed in fp32 and rounded once to ``gate.dtype``.
 
@@ -25,7 +30,7 @@ def silu_mul_ref(gate: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     if gate.shape != value.shape:
         raise ValueError(f"silu_mul: gate and value must have the same shape, got {tuple(gate.shape)} "
                          f"and {tuple(value.shape)}")
-    return (F.silu(gate.float()) * value.float()).to(gate.dtype)
+    return (F.silu(f32(gate)) * f32(value)).to(gate.dtype)
 
 
 def gmu_ref(x: torch.Tensor, in_proj_weight: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from sambay.kernels.reference import f32
+
 # The recurrence runs in blocks of this many steps: the per-step work is two fused elementwise ops
 # on (B, E, N), while exp(delta*A) and delta*B*x for a block are computed in bulk. It bounds the
 # temporary memory to (B, block, E, N) whatever T is.
@@ -28,8 +30,8 @@ def selective_scan_ref(x, delta, A, B, C, D, s0=None):
     """
     bsz, T, E = x.shape
     N = A.shape[1]
-    xf, Bf, Cf = x.float(), B.float(), C.float()
-    s = torch.zeros(bsz, E, N, device=x.device, dtype=torch.float32) if s0 is None else s0.float()
+    xf, Bf, Cf = f32(x), f32(B), f32(C)
+    s = torch.zeros(bsz, E, N, device=x.device, dtype=xf.dtype) if s0 is None else f32(s0)
     ys = []
     for t0 in range(0, T, _BLOCK):
         t1 = min(T, t0 + _BLOCK)
@@ -42,7 +44,7 @@ def selective_scan_ref(x, delta, A, B, C, D, s0=None):
             states[:, t] = s
         ys.append(torch.einsum("bten,btn->bte", states, Cf[:, t0:t1]))
     y = torch.cat(ys, dim=1) if ys else xf.new_zeros(bsz, 0, E)
-    return y + xf * D.float(), s
+    return y + xf * f32(D), s
 
 
 def selective_step_ref(state, x, delta, A, B, C, D):
@@ -55,6 +57,6 @@ def selective_step_ref(state, x, delta, A, B, C, D):
         y: (B, E) fp32, ungated.
     """
     d = delta[..., None]  # (B, E, 1)
-    new = torch.exp(d * A) * state + d * B.float()[:, None, :] * x.float()[..., None]
+    new = torch.exp(d * A) * state + d * f32(B)[:, None, :] * f32(x)[..., None]
     state.copy_(new)
-    return torch.einsum("ben,bn->be", new, C.float()) + x.float() * D.float()
+    return torch.einsum("ben,bn->be", new, f32(C)) + f32(x) * f32(D)

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sambay.kernels.reference import f32
+
 
 @dataclass
 class AttnCall:
@@ -43,7 +45,7 @@ class SubLN(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
+        xf = f32(x)
         n = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return n.to(x.dtype) * self.weight
 
@@ -70,8 +72,8 @@ class DiffAttentionCore(nn.Module):
 
     def lam(self, dtype: torch.dtype) -> torch.Tensor:
         """lambda = exp(<lq1, lk1>) - exp(<lq2, lk2>) + lambda_init, rounded as HF does."""
-        l1 = torch.exp((self.lambda_q1 * self.lambda_k1).sum().float()).to(dtype)
-        l2 = torch.exp((self.lambda_q2 * self.lambda_k2).sum().float()).to(dtype)
+        l1 = torch.exp(f32((self.lambda_q1 * self.lambda_k1).sum())).to(dtype)
+        l2 = torch.exp(f32((self.lambda_q2 * self.lambda_k2).sum())).to(dtype)
         return (l1 - l2) + self.lambda_init
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: list[AttnCall],

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sambay.kernels import silu_mul
+from sambay.kernels.reference import f32
 from sambay.kernels.reference_scan import selective_scan_ref, selective_step_ref
 
 
@@ -59,7 +60,7 @@ class Mamba(nn.Module):
         dt_raw, b, c = self.x_proj(xc).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = F.linear(dt_raw, self.dt_proj.weight)  # bias is added in fp32 before the softplus, as HF does
         # softplus with threshold 20 (identity above it), the CUDA scan's rule.
-        delta = F.softplus(dt.float() + self.dt_proj.bias.float())
+        delta = F.softplus(f32(dt) + f32(self.dt_proj.bias))
         return delta, b, c
 
     def _gate(self, y: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,13 +90,13 @@ class Mamba(nn.Module):
         else:
             history = F.pad(xs_t, (K - 1, 0))
         # depthwise causal conv in fp32, rounded once (causal_conv1d computes in fp32)
-        w = self.conv1d.weight.float()
-        bias = self.conv1d.bias.float() if self.conv1d.bias is not None else None
-        xc = F.silu(F.conv1d(history.float(), w, bias, groups=self.d_inner)).to(x.dtype).transpose(1, 2)
+        w = f32(self.conv1d.weight)
+        bias = f32(self.conv1d.bias) if self.conv1d.bias is not None else None
+        xc = F.silu(F.conv1d(f32(history), w, bias, groups=self.d_inner)).to(x.dtype).transpose(1, 2)
         if mask is not None:
             xc = xc * mask[..., None].to(xc.dtype)
         delta, b, c = self._ssm_inputs(xc)
-        A = -torch.exp(self.A_log.float())
+        A = -torch.exp(f32(self.A_log))
         s0 = state.ssm if state is not None else None
         y, s_last = selective_scan_ref(xc, delta, A, b, c, self.D, s0)  # y: (B, T, E) fp32
         if state is not None:
@@ -111,15 +112,15 @@ class Mamba(nn.Module):
             xs = xs * mask[..., None].to(xs.dtype)
         window = torch.cat([state.conv, xs.transpose(1, 2)], dim=2)  # (B, E, K)
         state.conv.copy_(window[:, :, 1:])
-        w = self.conv1d.weight[:, 0, :].float()  # (E, K)
-        xc = (window.float() * w).sum(-1)
+        w = f32(self.conv1d.weight[:, 0, :])  # (E, K)
+        xc = (f32(window) * w).sum(-1)
         if self.conv1d.bias is not None:
-            xc = xc + self.conv1d.bias.float()
+            xc = xc + f32(self.conv1d.bias)
         xc = F.silu(xc).to(x.dtype)[:, None, :]  # (B, 1, E)
         if mask is not None:
             xc = xc * mask[..., None].to(xc.dtype)
         delta, b, c = self._ssm_inputs(xc)
-        A = -torch.exp(self.A_log.float())
+        A = -torch.exp(f32(self.A_log))
         y = selective_step_ref(state.ssm, xc[:, 0], delta[:, 0], A, b[:, 0], c[:, 0], self.D)
         out, memory = self._gate(y[:, None, :], z)
         return self.out_proj(out), memory
