@@ -68,7 +68,7 @@ if PretrainedConfig is not None:
         def to_sambay(self, base: SambaYConfig | None = None) -> SambaYConfig:
             """This config as a SambaYConfig; keys it does not carry (auto_map, ...) are taken from ``base``."""
             d = base.to_dict() if base is not None else {}
-            d.update({name: getattr(self, name) for name in _FIELDS})
+            d.update({name: getattr(self, name) for name in _FIELDS if hasattr(self, name)})
             dtype = vars(self).get("dtype") or vars(self).get("torch_dtype")  # transformers 5 / 4 (no warning)
             d["torch_dtype"] = str(dtype).removeprefix("torch.") if dtype is not None else None
             return SambaYConfig.from_dict(d)

@@ -33,14 +33,15 @@ def prefix_plan(p0: int, T: int, q_rows: int, kvalid: torch.Tensor | None, batch
     """Plan for full and cross attention: the keys are positions 0..p0+T-1 (a prefix), the queries are
     the last ``q_rows`` of the T new positions p0..p0+T-1. kvalid: (B, p0+T) or None."""
     S = p0 + T
+    flash = None if kvalid is not None else (q_rows > 1, None)
     if kvalid is None:
         if q_rows == 1:
-            return [AttnCall(slice(0, 1), slice(0, S))]  # the last query sees every key
+            return [AttnCall(slice(0, 1), slice(0, S), flash=flash)]  # the last query sees every key
         if q_rows == S:
-            return [AttnCall(slice(0, q_rows), slice(0, S), causal=True)]
+            return [AttnCall(slice(0, q_rows), slice(0, S), causal=True, flash=flash)]
     qpos = torch.arange(S - q_rows, S, device=device)
     kpos = torch.arange(S, device=device)
-    return [AttnCall(slice(0, q_rows), slice(0, S), visible(qpos, kpos, kvalid, None, batch))]
+    return [AttnCall(slice(0, q_rows), slice(0, S), visible(qpos, kpos, kvalid, None, batch), flash=flash)]
 
 
 def sliding_plan(p0: int, T: int, window: int, ring_pos: torch.Tensor | None, kvalid: torch.Tensor | None,
@@ -64,12 +65,14 @@ def sliding_plan(p0: int, T: int, window: int, ring_pos: torch.Tensor | None, kv
         t1 = min(T, t0 + block)
         # Ring slots hold positions < p0; only queries with t0 < window - 1 can reach them.
         k0 = 0 if t0 < window - 1 else R + t0 - window + 1
+        # flash-attn's window is by key index, right only when keys are in position order (no ring slots)
+        flash = (True, window) if kvalid_all is None and (ring_pos is None or k0 >= R) else None
         if kvalid_all is None and ring_pos is None and t0 == 0 and t1 <= window:
-            plan.append(AttnCall(slice(t0, t1), slice(0, t1), causal=True))  # the window covers everything
+            plan.append(AttnCall(slice(t0, t1), slice(0, t1), causal=True, flash=flash))  # window covers all
             continue
         kv = None if kvalid_all is None else kvalid_all[:, k0:R + t1]
         mask = visible(new_pos[t0:t1], kpos_all[k0:R + t1], kv, window, batch)
-        plan.append(AttnCall(slice(t0, t1), slice(k0, R + t1), mask))
+        plan.append(AttnCall(slice(t0, t1), slice(k0, R + t1), mask, flash=flash))
     return plan
 
 
@@ -80,7 +83,7 @@ def ring_plan(ring_pos: torch.Tensor, full: bool, kvalid: torch.Tensor | None, b
     (the ring has at most W slots), so the mask only removes empty slots and padding."""
     R = ring_pos.numel()
     if full and kvalid is None:
-        return [AttnCall(slice(0, 1), slice(0, R))]
+        return [AttnCall(slice(0, 1), slice(0, R), flash=(False, None))]  # every slot visible, order irrelevant
     kv = (ring_pos >= 0)[None].expand(batch, -1)
     if kvalid is not None:
         kv = kv & kvalid[:, ring_pos.clamp(min=0)]

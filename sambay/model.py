@@ -87,7 +87,7 @@ class Block(nn.Module):
             if state is not None and T == 1:
                 out, memory = self.attn.step(a, state, ctx.pad)
             else:
-                out, memory = self.attn(a, ctx.pad, state)
+                out, memory = self.attn(a, ctx.pad, state, fresh=ctx.p0 == 0)
             if self.is_memory_layer:
                 ctx.memory = memory
             return out
@@ -252,6 +252,15 @@ class SambaYForCausalLM(nn.Module):
                        device: torch.device | str | None = None) -> SambaYCache:
         """Allocate the static decode state for ``batch_size`` sequences of up to ``max_length`` tokens."""
         return SambaYCache(self.config, batch_size, max_length, dtype or self.dtype, device or self.device)
+
+    def set_backend(self, backend: str = "auto") -> None:
+        """"auto": fast kernels where the tensors' device has them (Triton, mamba_ssm, causal_conv1d,
+        flash_attn on CUDA), decided per call; "torch": the plain-PyTorch twins everywhere."""
+        if backend not in ("auto", "torch"):
+            raise ValueError(f"backend: expected 'auto' or 'torch', got {backend!r}")
+        for m in self.modules():
+            if hasattr(m, "backend"):
+                m.backend = backend
 
     def gradient_checkpointing_enable(self) -> None:
         """Recompute each decoder layer's activations in backward (same gradients, less memory)."""

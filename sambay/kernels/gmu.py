@@ -18,6 +18,7 @@ import math
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 __all__ = ["gmu_triton"]
 
@@ -26,20 +27,21 @@ __all__ = ["gmu_triton"]
 @triton.jit
 def _gmu_h_tile(x_ptr, w_ptr, M, N, K, s_xm, s_xk, s_wn, s_wk, offs_m, offs_n,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                INPUT_PRECISION: tl.constexpr):
-    """fp32 tile h[offs_m, offs_n] = x[offs_m, :] @ W[offs_n, :]^T, masked at the M, N and K edges."""
+                INPUT_PRECISION: tl.constexpr, MM_ACC: tl.constexpr):
+    """Tile h[offs_m, offs_n] = x[offs_m, :] @ W[offs_n, :]^T accumulated in MM_ACC (fp32; fp64 for fp64
+    inputs), masked at the M, N and K edges."""
     offs_k = tl.arange(0, BLOCK_K)
     # int64 row offsets: M * K can exceed 2**31 elements for long prefills.
     x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * s_xm + offs_k[None, :] * s_xk
     w_ptrs = w_ptr + offs_n.to(tl.int64)[None, :] * s_wn + offs_k[:, None] * s_wk   # (BLOCK_K, BLOCK_N) = W^T
     m_mask = (offs_m < M)[:, None]
     n_mask = (offs_n < N)[None, :]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=MM_ACC)
     for k0 in range(0, K, BLOCK_K):
         k_left = K - k0
         a = tl.load(x_ptrs, mask=m_mask & (offs_k[None, :] < k_left), other=0.0)
         b = tl.load(w_ptrs, mask=n_mask & (offs_k[:, None] < k_left), other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=MM_ACC)
         x_ptrs += BLOCK_K * s_xk
         w_ptrs += BLOCK_K * s_wk
     return acc
@@ -68,17 +70,17 @@ def _gmu_fwd_kernel(
     M, N, K,                      # x (M, K), W (N, K), memory/out (M, N)
     s_xm, s_xk, s_wn, s_wk, s_mm, s_mn, s_om, s_on,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, MM_ACC: tl.constexpr, GATE: tl.constexpr,
 ):
-    """out = silu(x @ W^T) * memory; h stays in fp32 registers, one rounding at the store."""
+    """out = silu(x @ W^T) * memory; h stays in fp32 (GATE) registers, one rounding at the store."""
     offs_m, offs_n = _tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     h = _gmu_h_tile(x_ptr, w_ptr, M, N, K, s_xm, s_xk, s_wn, s_wk, offs_m, offs_n, BLOCK_M, BLOCK_N,
-                    BLOCK_K, INPUT_PRECISION)
+                    BLOCK_K, INPUT_PRECISION, MM_ACC).to(GATE)
 
     rows = offs_m.to(tl.int64)[:, None]
     mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-    mem = tl.load(mem_ptr + rows * s_mm + offs_n[None, :] * s_mn, mask=mask, other=0.0).to(tl.float32)
-    out = h / (1.0 + tl.exp(-h)) * mem          # PyTorch's silu formula, in fp32
+    mem = tl.load(mem_ptr + rows * s_mm + offs_n[None, :] * s_mn, mask=mask, other=0.0).to(GATE)
+    out = h / (1.0 + tl.exp(-h)) * mem          # PyTorch's silu formula, in GATE precision (fp32)
     tl.store(out_ptr + rows * s_om + offs_n[None, :] * s_on, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -88,20 +90,21 @@ def _gmu_bwd_kernel(
     M, N, K,
     s_xm, s_xk, s_wn, s_wk, s_mm, s_mn, s_gm, s_gn, s_dhm, s_dhn, s_dmm, s_dmn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, NEED_DH: tl.constexpr, NEED_DMEM: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, MM_ACC: tl.constexpr, GATE: tl.constexpr,
+    NEED_DH: tl.constexpr, NEED_DMEM: tl.constexpr,
 ):
     """Recompute h = x @ W^T per tile; emit dh = g * memory * dsilu(h) and dmemory = g * silu(h)."""
     offs_m, offs_n = _tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     h = _gmu_h_tile(x_ptr, w_ptr, M, N, K, s_xm, s_xk, s_wn, s_wk, offs_m, offs_n, BLOCK_M, BLOCK_N,
-                    BLOCK_K, INPUT_PRECISION)
+                    BLOCK_K, INPUT_PRECISION, MM_ACC).to(GATE)
 
     rows = offs_m.to(tl.int64)[:, None]
     cols = offs_n[None, :]
     mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-    g = tl.load(grad_ptr + rows * s_gm + cols * s_gn, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(grad_ptr + rows * s_gm + cols * s_gn, mask=mask, other=0.0).to(GATE)
     sig = 1.0 / (1.0 + tl.exp(-h))
     if NEED_DH:
-        mem = tl.load(mem_ptr + rows * s_mm + cols * s_mn, mask=mask, other=0.0).to(tl.float32)
+        mem = tl.load(mem_ptr + rows * s_mm + cols * s_mn, mask=mask, other=0.0).to(GATE)
         dh = g * mem * (sig * (1.0 + h * (1.0 - sig)))
         tl.store(dh_ptr + rows * s_dhm + cols * s_dhn, dh.to(dh_ptr.dtype.element_ty), mask=mask)
     if NEED_DMEM:
@@ -110,21 +113,32 @@ def _gmu_bwd_kernel(
 
 
 # ---------------------------------------------------------------------------------------------- launchers
-def _gmu_config(M: int, dtype: torch.dtype, block_m: int | None, block_n: int | None, block_k: int | None,
-                group_m: int | None) -> dict:
-    """Tile sizes and launch options. Fixed heuristics rather than autotuning: M changes every call
-    (prefill vs decode) and an autotuner would re-benchmark for each new M."""
-    if dtype == torch.float32:
-        # fp32 tiles are twice the bytes; keep shared memory under ~50 KB per stage set.
+def _gmu_config(M: int, dtype: torch.dtype, mem_dtype: torch.dtype, block_m: int | None, block_n: int | None,
+                block_k: int | None, group_m: int | None) -> dict:
+    """Tile sizes, math dtypes and launch options for inputs of ``dtype`` and a memory of ``mem_dtype``.
+
+    Fixed heuristics rather than autotuning: M changes every call (prefill vs decode) and an autotuner
+    would re-benchmark for each new M.
+    """
+    if dtype == torch.float64:                 # gradcheck only: small tiles, correctness over speed
+        bm, bn, bk, warps, stages = 32, 32, 32, 4, 2
+    elif dtype == torch.float32:
+        # fp32 tiles are twice the bytes of bf16 ones; keep the pipelined shared memory under ~50 KB.
         bm, bn, bk, warps, stages = 64, 64, 32, 4, 3
     else:
         bm, bn, bk, warps, stages = 128, 128, 64, 8, 3
     # Decode-sized M: don't burn a 128-row tile (tl.dot needs >= 16 rows).
     bm = min(bm, max(16, triton.next_power_of_2(max(M, 1))))
-    return dict(BLOCK_M=block_m or bm, BLOCK_N=block_n or bn, BLOCK_K=block_k or bk, GROUP_M=group_m or 8,
-                # fp32 inputs: full-precision products like torch's default matmul (TF32 off).
-                INPUT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
-                num_warps=warps, num_stages=stages)
+    wide = tl.float64 if dtype == torch.float64 else tl.float32
+    return {
+        "BLOCK_M": block_m or bm, "BLOCK_N": block_n or bn, "BLOCK_K": block_k or bk, "GROUP_M": group_m or 8,
+        # fp32 inputs: full-precision products like torch's default matmul (TF32 off); 16-bit inputs:
+        # None = the backend's default (tensor cores; "tf32" is not a valid name on every backend).
+        "INPUT_PRECISION": None if dtype in (torch.bfloat16, torch.float16) else "ieee",
+        # the gate runs in fp64 if either operand is fp64, as the twin's upcast does
+        "MM_ACC": wide, "GATE": tl.float64 if torch.float64 in (dtype, mem_dtype) else tl.float32,
+        "num_warps": warps, "num_stages": stages,
+    }
 
 
 def _grid(M: int, N: int, cfg: dict) -> tuple[int]:
@@ -141,7 +155,7 @@ def _gmu_fwd(x: torch.Tensor, w: torch.Tensor, mem: torch.Tensor, *, block_m: in
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M == 0 or N == 0:
         return out
-    cfg = _gmu_config(M, x.dtype, block_m, block_n, block_k, group_m)
+    cfg = _gmu_config(M, x.dtype, mem.dtype, block_m, block_n, block_k, group_m)
     _gmu_fwd_kernel[_grid(M, N, cfg)](x, w, mem, out, M, N, K, x.stride(0), x.stride(1), w.stride(0),
                                       w.stride(1), mem.stride(0), mem.stride(1), out.stride(0),
                                       out.stride(1), **cfg)
@@ -164,7 +178,7 @@ def _gmu_bwd(x: torch.Tensor, w: torch.Tensor, mem: torch.Tensor, grad: torch.Te
     dmem = torch.empty((M, N), dtype=mem.dtype, device=mem.device) if need_dmem else None
     if M == 0 or N == 0 or not (need_dh or need_dmem):
         return dh, dmem
-    cfg = _gmu_config(M, x.dtype, block_m, block_n, block_k, group_m)
+    cfg = _gmu_config(M, x.dtype, mem.dtype, block_m, block_n, block_k, group_m)
     # An unneeded output gets a stand-in pointer; the constexpr flag removes its store entirely.
     dh_arg = dh if need_dh else dmem
     dmem_arg = dmem if need_dmem else dh
@@ -195,6 +209,7 @@ class _GmuFunction(torch.autograd.Function):
         return _gmu_fwd(x2, w, mem2).reshape(*x.shape[:-1], w.shape[0])
 
     @staticmethod
+    @once_differentiable          # the backward is a Triton kernel: no double backward through it
     def backward(ctx, grad: torch.Tensor):
         x2, w, mem2 = ctx.saved_tensors
         need_dx, need_dw, need_dmem = ctx.needs_input_grad[:3]
@@ -212,7 +227,7 @@ def gmu_triton(x: torch.Tensor, in_proj_weight: torch.Tensor, memory: torch.Tens
     """silu(x @ in_proj_weight^T) * memory as one Triton matmul with a gating epilogue.
 
     Args:
-        x: (..., C) float32/bfloat16/float16, any strides.
+        x: (..., C) float32/bfloat16/float16 (float64 too, computed in fp64), any strides.
         in_proj_weight: (E, C), same dtype as x, any strides (e.g. a slice of a fused weight).
         memory: (..., E), same leading shape as x; float32 or x's dtype.
     Returns:

@@ -17,9 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from sambay.kernels.attention_ops import attend
 from sambay.kernels.reference import f32
 
 
@@ -33,6 +33,9 @@ class AttnCall:
     k: slice
     mask: torch.Tensor | None = None
     causal: bool = False
+    # (causal, window) when the visibility is exactly flash-attn's bottom-right causal flag plus a window of
+    # ``window`` keys (None = unlimited), with no padding and keys in position order; else None.
+    flash: tuple[bool, int | None] | None = None
 
 
 class SubLN(nn.Module):
@@ -59,6 +62,7 @@ class DiffAttentionCore(nn.Module):
         self.lambda_init = lambda_init
         self.scale = head_dim ** -0.5
         self.dropout = 0.0  # attention-probability dropout, applied only in training
+        self.backend = "auto"  # "auto" | "torch" | "cuda": see sambay.kernels.attention_ops
         # Kept in fp32 whatever the model dtype (the HF module creates them in fp32).
         for name in ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2"):
             setattr(self, name, nn.Parameter(torch.empty(head_dim, device=device, dtype=torch.float32)))
@@ -94,8 +98,7 @@ class DiffAttentionCore(nn.Module):
         outs = []
         for c in plan:
             kk, vv = k[:, :, :, c.k], v[:, :, c.k]
-            o1, o2 = (F.scaled_dot_product_attention(qs[:, :, c.q], kk[:, s], vv, attn_mask=c.mask, dropout_p=p,
-                                                     is_causal=c.causal, scale=self.scale, enable_gqa=True)
+            o1, o2 = (attend(qs[:, :, c.q], kk[:, s], vv, c.mask, c.causal, self.scale, p, c.flash, self.backend)
                       for s, qs in ((0, q1), (1, q2)))  # (B, Hq/2, tq, 2D) each
             outs.append(o1 - self.lam(o1.dtype) * o2)
         o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)

@@ -16,10 +16,11 @@ class GMU(nn.Module):
         super().__init__()
         self.in_proj = nn.Linear(hidden, d_inner, bias=False, device=device, dtype=dtype)
         self.out_proj = nn.Linear(d_inner, hidden, bias=False, device=device, dtype=dtype)
+        self.backend = "auto"  # "auto" | "torch": see sambay.kernels
 
     def forward(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
         """x: (B, T, C), memory: (B, T, E) -> (B, T, C)."""
         if type(self.in_proj) is nn.Linear:
-            return self.out_proj(gmu(x, self.in_proj.weight, memory))
+            return self.out_proj(gmu(x, self.in_proj.weight, memory, self.backend))
         # in_proj was wrapped (e.g. a LoRA adapter): call it so the wrapper's math is not bypassed.
-        return self.out_proj(silu_mul(self.in_proj(x), memory))
+        return self.out_proj(silu_mul(self.in_proj(x), memory, self.backend))

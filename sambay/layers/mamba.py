@@ -1,8 +1,8 @@
 """Mamba-1 mixer (selective SSM), as in the released checkpoint (``model.layers.{i}.attn.*``).
 
 forward(x) runs a whole chunk (prefill, chunked prefill or training); step(x, state) runs one token.
-Both return ``(out, memory)`` where ``memory`` is the *ungated* scan output y (after the D skip, before
-the silu(z) gate and out_proj): SambaY's memory layer exports it to every GMU.
+Both return ``(out, memory)``; on the memory producer ``memory`` is the *ungated* scan output y (after
+the D skip, before the silu(z) gate and out_proj), which SambaY exports to every GMU; elsewhere None.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from sambay.kernels import silu_mul
+from sambay.kernels.mamba_ops import causal_conv1d, causal_conv1d_step, selective_scan, selective_step
 from sambay.kernels.reference import f32
-from sambay.kernels.reference_scan import selective_scan_ref, selective_step_ref
 
 
 class Mamba(nn.Module):
@@ -31,6 +31,7 @@ class Mamba(nn.Module):
         self.d_inner, self.d_state, self.d_conv = d_inner, d_state, d_conv
         self.dt_rank = dt_rank or math.ceil(hidden / 16)
         self.memory_producer = memory_producer
+        self.backend = "auto"  # "auto" | "torch" | "cuda": see sambay.kernels.mamba_ops
         self.in_proj = nn.Linear(hidden, 2 * d_inner, bias=proj_bias, **kw)
         self.conv1d = nn.Conv1d(d_inner, d_inner, d_conv, groups=d_inner, bias=conv_bias, **kw)
         self.x_proj = nn.Linear(d_inner, self.dt_rank + 2 * d_state, bias=False, **kw)
@@ -63,64 +64,65 @@ class Mamba(nn.Module):
         delta = F.softplus(f32(dt) + f32(self.dt_proj.bias))
         return delta, b, c
 
-    def _gate(self, y: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """y: fp32 (B, T, E) ungated scan output; returns (gated output, memory), both in z.dtype."""
-        memory = y.to(z.dtype)
-        if self.memory_producer:
-            return silu_mul(z, memory), memory  # HF: y rounded first, then the gate (two roundings)
-        return silu_mul(z, y), memory  # HF: the scan kernel fuses the gate in fp32 (one rounding)
+    def _outputs(self, scan, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Apply the output gate where HF does. ``scan(z)`` runs the scan, gated by z when given.
+        Returns (gated output, memory); memory is None except on the memory producer."""
+        if not self.memory_producer:
+            return scan(z), None  # y * silu(z) fused in the scan in fp32, one rounding (HF layers 0..N/2-2)
+        memory = scan(None)  # the ungated y, rounded to the model dtype: the memory
+        gate_backend = "torch" if self.backend == "torch" else "auto"
+        return silu_mul(z, memory, gate_backend), memory  # HF: a second rounding after the gate
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, state=None):
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, state=None, fresh: bool = True):
         """Args:
             x: (B, T, C) normed hidden states.
             mask: (B, T) 1 for real tokens, 0 for (left) padding, or None.
-            state: a ``MambaState`` to continue from and update in place, or None (start from zeros).
+            state: a ``MambaState`` to update in place, or None.
+            fresh: True when ``state`` holds nothing yet (the first chunk): start from zeros.
         Returns:
-            out (B, T, C), memory (B, T, E).
+            out (B, T, C), memory (B, T, E) on the memory producer, else None.
         """
-        B, T, _ = x.shape
         xs, z = self.in_proj(x).chunk(2, dim=-1)  # (B, T, E) each
         if mask is not None:
             xs = xs * mask[..., None].to(xs.dtype)
         K = self.d_conv
         xs_t = xs.transpose(1, 2)  # (B, E, T)
-        if state is not None:
-            history = torch.cat([state.conv, xs_t], dim=2)  # (B, E, K-1+T)
-            state.conv.copy_(history[:, :, -(K - 1):])
+        if state is not None and not fresh:
+            history = torch.cat([state.conv.to(xs.dtype), xs_t], dim=2)  # (B, E, K-1+T)
         else:
             history = F.pad(xs_t, (K - 1, 0))
-        # depthwise causal conv in fp32, rounded once (causal_conv1d computes in fp32)
-        w = f32(self.conv1d.weight)
-        bias = f32(self.conv1d.bias) if self.conv1d.bias is not None else None
-        xc = F.silu(F.conv1d(f32(history), w, bias, groups=self.d_inner)).to(x.dtype).transpose(1, 2)
+        if state is not None:
+            state.conv.copy_(history[:, :, -(K - 1):])
+        xc = causal_conv1d(history, self.conv1d.weight[:, 0], self.conv1d.bias, self.backend).transpose(1, 2)
         if mask is not None:
             xc = xc * mask[..., None].to(xc.dtype)
         delta, b, c = self._ssm_inputs(xc)
         A = -torch.exp(f32(self.A_log))
-        s0 = state.ssm if state is not None else None
-        y, s_last = selective_scan_ref(xc, delta, A, b, c, self.D, s0)  # y: (B, T, E) fp32
-        if state is not None:
-            state.ssm.copy_(s_last)
-        out, memory = self._gate(y, z)
+        s0 = state.ssm if state is not None and not fresh else None
+
+        def scan(gate):
+            out, last = selective_scan(xc, delta, A, b, c, self.D, z=gate, s0=s0, backend=self.backend)
+            if state is not None:
+                state.ssm.copy_(last)
+            return out
+
+        out, memory = self._outputs(scan, z)
         return self.out_proj(out), memory
 
-    def step(self, x: torch.Tensor, state, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def step(self, x: torch.Tensor, state, mask: torch.Tensor | None = None):
         """One decode token. x: (B, 1, C); ``state`` (MambaState) is updated in place; mask: (B, 1) or None.
-        Returns out (B, 1, C), memory (B, 1, E)."""
-        xs, z = self.in_proj(x).chunk(2, dim=-1)  # (B, 1, E)
+        Returns out (B, 1, C), memory (B, 1, E) on the memory producer, else None."""
+        xs, z = self.in_proj(x)[:, 0].chunk(2, dim=-1)  # (B, E)
         if mask is not None:
-            xs = xs * mask[..., None].to(xs.dtype)
-        window = torch.cat([state.conv, xs.transpose(1, 2)], dim=2)  # (B, E, K)
-        state.conv.copy_(window[:, :, 1:])
-        w = f32(self.conv1d.weight[:, 0, :])  # (E, K)
-        xc = (f32(window) * w).sum(-1)
-        if self.conv1d.bias is not None:
-            xc = xc + f32(self.conv1d.bias)
-        xc = F.silu(xc).to(x.dtype)[:, None, :]  # (B, 1, E)
+            xs = xs * mask.to(xs.dtype)
+        xc = causal_conv1d_step(state.conv, xs, self.conv1d.weight[:, 0], self.conv1d.bias, self.backend)
         if mask is not None:
-            xc = xc * mask[..., None].to(xc.dtype)
+            xc = xc * mask.to(xc.dtype)
         delta, b, c = self._ssm_inputs(xc)
         A = -torch.exp(f32(self.A_log))
-        y = selective_step_ref(state.ssm, xc[:, 0], delta[:, 0], A, b[:, 0], c[:, 0], self.D)
-        out, memory = self._gate(y[:, None, :], z)
-        return self.out_proj(out), memory
+
+        def scan(gate):
+            return selective_step(state.ssm, xc, delta, A, b, c, self.D, z=gate, backend=self.backend)
+
+        out, memory = self._outputs(scan, z)
+        return self.out_proj(out[:, None]), None if memory is None else memory[:, None]

@@ -13,8 +13,9 @@ class MLP(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(hidden, 2 * intermediate, bias=False, device=device, dtype=dtype)
         self.fc2 = nn.Linear(intermediate, hidden, bias=False, device=device, dtype=dtype)
+        self.backend = "auto"  # "auto" | "torch": see sambay.kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, T, C) -> (B, T, C). The halves are strided views of fc1's output (no copy)."""
         gate, value = self.fc1(x).chunk(2, dim=-1)
-        return self.fc2(silu_mul(gate, value))
+        return self.fc2(silu_mul(gate, value, self.backend))

@@ -14,8 +14,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from sambay.kernels.gating import _as_rows, _silu_mul_bwd, _silu_mul_fwd, silu_mul_triton  # noqa: E402
-from sambay.kernels.reference import silu_mul_ref  # noqa: E402
+from sambay.kernels.gating import _as_rows, _silu_mul_bwd, _silu_mul_fwd, silu_mul_triton
+from sambay.kernels.reference import silu_mul_ref
 
 pytestmark = pytest.mark.triton
 
@@ -146,7 +146,7 @@ def test_row_strided_views_are_not_copied(layout):
     """Views expressible as rows with (up to two levels of) row strides reach the kernel as they are."""
     leaves, views, _ = layout(torch.float32, "cpu")
     gate, value = views(*leaves)
-    (g2, v2), _, _ = _as_rows(tuple(gate.shape), [gate, value])
+    (g2, v2), _, _, _ = _as_rows(tuple(gate.shape), [gate, value])
     assert g2 is gate and v2 is value
 
 
@@ -248,6 +248,16 @@ def test_backward_skips_unneeded_grads(needs, kernel_device):
             torch.testing.assert_close(t.grad, r.grad, rtol=1e-5, atol=1e-6)
 
 
+def test_fp64_gradcheck(kernel_device):
+    """fp64 inputs compute in fp64 (like the twin), so gradcheck holds through the Triton backward."""
+    u = _randn(2, 3, 2 * 5, dtype=torch.float64, device=kernel_device, seed=60).requires_grad_()
+
+    def halves(t):
+        return t[..., :5], t[..., 5:]
+    torch.testing.assert_close(silu_mul_triton(*halves(u)), silu_mul_ref(*halves(u)), rtol=1e-13, atol=1e-14)
+    assert torch.autograd.gradcheck(lambda t: silu_mul_triton(*halves(t)), (u,))
+
+
 # --------------------------------------------------------------------------------------------------- CUDA
 def _err(actual, exact):
     return (actual.double() - exact.double()).abs().max().item()
@@ -288,8 +298,7 @@ def test_cuda_bf16_realistic(rows, c, within_ulps):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_auto_dispatch_uses_triton(monkeypatch):
     """backend="auto" sends CUDA tensors to the Triton kernel."""
-    import sambay.kernels.gating as gating
-    from sambay.kernels import silu_mul
+    from sambay.kernels import gating, silu_mul
 
     calls = []
     real = gating.silu_mul_triton

@@ -1,0 +1,68 @@
+"""One differential-attention map, softmax(q k^T * scale) [v_a | v_b], with a flash-attn fast path.
+
+The twin is PyTorch's SDPA with the plan's boolean mask (any device, any dtype). flash_attn (the
+``cuda`` extra) is used for bf16/fp16 CUDA tensors when the call's visibility is expressible as
+flash-attn's causal/window flags, i.e. the plan marked it ``flash`` (no padding, keys in position
+order). flash-attn 2 needs equal q/k/v head dims, so the 2D-wide value is attended as two D-wide halves
+(two kernel calls over the same keys, as the Hugging Face code does).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+_BACKENDS = ("auto", "torch", "cuda")
+
+
+@functools.lru_cache(maxsize=None)
+def has_flash_attn() -> bool:
+    try:
+        from flash_attn import flash_attn_func  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def attend_ref(q, k, v, mask, causal: bool, scale: float, dropout_p: float = 0.0, flash=None) -> torch.Tensor:
+    """Args:
+        q: (B, Hq, tq, D); k: (B, Hk, tk, D); v: (B, Hk, tk, Dv) with Hq a multiple of Hk (consecutive GQA).
+        mask: (B, 1, tq, tk) bool (True = visible) or None; causal: top-left causal when mask is None.
+        flash: the plan's (causal, window) description, unused here (same signature as the fast path).
+    Returns:
+        (B, Hq, tq, Dv)
+    """
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal,
+                                          scale=scale, enable_gqa=True)
+
+
+def _attend_flash(q, k, v, flash, scale: float, dropout_p: float) -> torch.Tensor:
+    from flash_attn import flash_attn_func
+
+    causal, window = flash
+    win = (-1, -1) if window is None else (window - 1, 0)
+    qt, kt = q.transpose(1, 2), k.transpose(1, 2)  # (B, t, H, D) views: flash-attn takes strided rows
+    D = k.shape[-1]
+    halves = [flash_attn_func(qt, kt, v[..., i * D:(i + 1) * D].transpose(1, 2), dropout_p=dropout_p,
+                              softmax_scale=scale, causal=causal, window_size=win) for i in range(v.shape[-1] // D)]
+    return torch.cat(halves, dim=-1).transpose(1, 2)  # (B, Hq, tq, Dv)
+
+
+def attend(q, k, v, mask, causal: bool, scale: float, dropout_p: float = 0.0, flash=None,
+           backend: str = "auto") -> torch.Tensor:
+    """See :func:`attend_ref`. ``flash`` is (causal, window) when the call's visibility is exactly
+    flash-attn's bottom-right causal (+ window of ``window`` keys) with no padding, else None."""
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    usable = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and flash is not None
+    if backend == "cuda":
+        if not (usable and has_flash_attn()):
+            raise RuntimeError(f"backend='cuda' needs flash_attn installed, bf16/fp16 CUDA tensors and a call "
+                               f"without padding; got device={q.device}, dtype={q.dtype}, flash={flash}, "
+                               f"flash_attn installed={has_flash_attn()}")
+        return _attend_flash(q, k, v, flash, scale, dropout_p)
+    if backend == "auto" and usable and has_flash_attn():
+        return _attend_flash(q, k, v, flash, scale, dropout_p)
+    return attend_ref(q, k, v, mask, causal, scale, dropout_p)
