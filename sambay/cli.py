@@ -35,12 +35,17 @@ def _generate(args: argparse.Namespace) -> int:
         text = args.prompt
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=not args.chat).input_ids.to(model.device)
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model.config.eos_token_id
-    printed = []
+    new_ids, shown = [], [""]
 
     def stream(token):
-        printed.append(int(token[0]))
-        sys.stdout.write(tokenizer.decode(printed[-1:], skip_special_tokens=True))
-        sys.stdout.flush()
+        # Decode everything generated so far and print the new suffix: token-by-token decoding would
+        # lose the spaces and merges that depend on neighbouring tokens.
+        new_ids.append(int(token[0]))
+        text = tokenizer.decode(new_ids, skip_special_tokens=True)
+        if text.startswith(shown[0]):
+            sys.stdout.write(text[len(shown[0]):])
+            sys.stdout.flush()
+            shown[0] = text
 
     start = time.perf_counter()
     out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,

@@ -77,8 +77,11 @@ class Block(nn.Module):
     def forward(self, h: torch.Tensor, ctx: _Context) -> torch.Tensor:
         """h: (B, T, C) fp32 residual stream -> (B, T, C) fp32."""
         a = self.input_layernorm(h.to(ctx.dtype))
-        h = h + self.resid_dropout(self._mix(a, ctx))
-        return h + self.resid_dropout(self.mlp(self.post_attention_layernorm(h.to(ctx.dtype))))
+        h = h + self._drop(self._mix(a, ctx))
+        return h + self._drop(self.mlp(self.post_attention_layernorm(h.to(ctx.dtype))))
+
+    def _drop(self, x: torch.Tensor) -> torch.Tensor:
+        return self.resid_dropout(x) if self.training and self.resid_dropout.p > 0 else x
 
     def _mix(self, a: torch.Tensor, ctx: _Context) -> torch.Tensor:
         state = ctx.cache.layers[self.index] if ctx.cache is not None else None

@@ -95,12 +95,13 @@ class DiffAttentionCore(nn.Module):
         q1 = q[:, :, :, 0].transpose(1, 2)  # (B, Hq/2, T, D)
         q2 = q[:, :, :, 1].transpose(1, 2)
         p = self.dropout if self.training else 0.0
+        lam = self.lam(q.dtype)
         outs = []
         for c in plan:
             kk, vv = k[:, :, :, c.k], v[:, :, c.k]
             o1, o2 = (attend(qs[:, :, c.q], kk[:, s], vv, c.mask, c.causal, self.scale, p, c.flash, self.backend)
                       for s, qs in ((0, q1), (1, q2)))  # (B, Hq/2, tq, 2D) each
-            outs.append(o1 - self.lam(o1.dtype) * o2)
+            outs.append(o1 - lam * o2)
         o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
         o = self.subln(o) * (1.0 - self.lambda_init)
         o = o.transpose(1, 2).reshape(B, T, Hq * D)  # diff head j -> heads 2j, 2j+1
