@@ -80,7 +80,7 @@ def implementations(twin: Callable, triton_fn_name: str, device: torch.device, c
         if triton_fn_name == "silu_mul":
             from sambay.kernels.gating import silu_mul_triton as fn
         else:
-            from sambay.kernels.gmu import gmu_triton as fn
+            from sambay.kernels.gmu_matmul import gmu_triton as fn
         impls.append(Impl("triton", fn))
     impls.append(Impl("torch twin", twin))
     if compile_twin == "yes":
@@ -174,7 +174,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile of the twins")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="CPU intra-op threads (on a busy machine, 1 gives steadier timings)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     torch.manual_seed(0)

@@ -69,7 +69,9 @@ def gmu(x: torch.Tensor, in_proj_weight: torch.Tensor, memory: torch.Tensor,
         backend: str = "auto") -> torch.Tensor:
     """silu(x @ in_proj_weight^T) * memory as one fused op. See :func:`gmu_ref`."""
     if _use_triton(backend, x, in_proj_weight, memory):
-        from sambay.kernels.gmu import gmu_triton
+        # The kernels live in gmu_matmul.py, not gmu.py: importing a submodule named ``gmu`` would make
+        # Python rebind this package's ``gmu`` attribute (this function) to that module.
+        from sambay.kernels.gmu_matmul import gmu_triton
 
         return gmu_triton(x, in_proj_weight, memory)
     return gmu_ref(x, in_proj_weight, memory)

@@ -4,15 +4,15 @@ Triton's CPU interpreter
 ------------------------
 Without a GPU the kernels run under Triton's interpreter, which ``TRITON_INTERPRET=1`` switches on.
 Triton reads that variable when a kernel is *decorated* (``@triton.jit``, i.e. when
-``sambay.kernels.gating`` / ``sambay.kernels.gmu`` are first imported; older Triton read it at
+``sambay.kernels.gating`` / ``sambay.kernels.gmu_matmul`` are first imported; older Triton read it at
 ``import triton``). This conftest sets it at import time, which pytest does while collecting
 ``tests/kernels`` -- before any test runs, and before any kernel module is imported, because
 ``sambay`` / ``sambay.kernels`` import neither triton nor the kernel modules (``has_triton()`` only
-imports triton itself, which is harmless on Triton >= 3.4). The one way to defeat this is a test module
-collected earlier that imports ``sambay.kernels.gating``/``gmu`` at module level; then the
+imports triton itself, which is harmless: checked on Triton 3.7). The one way to defeat this is a test
+module collected earlier that imports ``sambay.kernels.gating``/``gmu_matmul`` at module level; then the
 ``kernel_device`` fixture skips with a message instead of failing. To be independent of collection
-order, CI may export ``TRITON_INTERPRET=1`` for the whole run on CPU machines: that changes nothing
-for CPU tensors with ``backend="auto"`` (they always take the PyTorch twin).
+order, ``.ci/run`` also exports ``TRITON_INTERPRET=1`` for the whole run: that changes nothing for CPU
+tensors with ``backend="auto"`` (they always take the PyTorch twin).
 
 On a CUDA machine the variable is left alone (unless the caller set it), so the same small odd-shape
 tests run the compiled kernels on the GPU, and the ``cuda``-marked tests run at realistic sizes.
@@ -21,8 +21,12 @@ tests run the compiled kernels on the GPU, and the ``cuda``-marked tests run at 
 from __future__ import annotations
 
 import importlib
+import json
 import math
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -45,10 +49,9 @@ def kernel_device() -> torch.device:
         return torch.device("cuda")
     if not _interpreting():
         pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1")
-    # (importlib: ``from sambay.kernels import gmu`` would give the dispatch function, not the module)
     gating = importlib.import_module("sambay.kernels.gating")
-    gmu = importlib.import_module("sambay.kernels.gmu")
-    for kernel in (gating._silu_mul_fwd_kernel, gmu._gmu_fwd_kernel):
+    gmu_matmul = importlib.import_module("sambay.kernels.gmu_matmul")
+    for kernel in (gating._silu_mul_fwd_kernel, gmu_matmul._gmu_fwd_kernel):
         if type(kernel).__name__ != "InterpretedFunction":
             pytest.skip("the kernel modules were imported before TRITON_INTERPRET=1 was set; "
                         "run pytest with TRITON_INTERPRET=1 in the environment")
@@ -97,3 +100,52 @@ def ulp_distance_ok(actual: torch.Tensor, expected: torch.Tensor, ulps: int = 1)
     ulp = info.eps * torch.exp2(torch.floor(torch.log2(mag)))
     close = (a == e) | ((a - e).abs() <= torch.clamp_min(ulps * ulp, info.tiny))   # a == e: equal infinities
     return bool(close.all())
+
+
+# --------------------------------------------------------------------------------------- GPU codegen check
+_CODEGEN_SCRIPT = r"""
+import importlib, json, sys
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+for case in json.loads(sys.argv[1]):
+    fn = getattr(importlib.import_module(case["module"]), case["kernel"])
+    consts = {k: getattr(tl, v["tl"]) if isinstance(v, dict) else v for k, v in case["constexprs"].items()}
+    sig = {name: case["signature"].get(name, "constexpr") for name in fn.arg_names}
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in case["divisible"]}
+    for arch in case["archs"]:
+        compiled = triton.compile(ASTSource(fn, sig, constexprs=consts, attrs=attrs),
+                                  target=GPUTarget("cuda", arch, 32), options=case["options"])
+        ptx = compiled.asm["ptx"]
+        print(json.dumps({"kernel": case["kernel"], "arch": arch, "shared": compiled.metadata.shared,
+                          "ld_v4": ptx.count("ld.global.v4"), "st_v4": ptx.count("st.global.v4"),
+                          "wgmma": ptx.count("wgmma.mma_async"), "mma_sync": ptx.count("mma.sync")}))
+"""
+
+
+@pytest.fixture(scope="session")
+def gpu_codegen():
+    """Compile kernels to PTX for real NVIDIA targets *without a GPU* (Triton ships ptxas), so CPU-only CI
+    catches GPU-only compile errors the interpreter never sees, and checks codegen properties (16-byte
+    vector loads, tensor-core instructions, shared memory). Each case names a kernel, its non-constexpr
+    argument types, its constexprs (``{"tl": "float32"}`` for a dtype), the arguments to treat as
+    16-divisible (as the JIT specializes aligned pointers and strides) and the target archs. Runs in a
+    subprocess with TRITON_INTERPRET unset, since this process holds the interpreted kernels.
+    Returns ``compile(cases) -> [{kernel, arch, shared, ld_v4, st_v4, wgmma, mma_sync}, ...]``.
+    """
+    triton = pytest.importorskip("triton")
+    pytest.importorskip("triton.backends.nvidia")
+    if tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 7):
+        pytest.skip("the GPU codegen check uses Triton 3.7's ASTSource/GPUTarget API")
+    repo = Path(__file__).resolve().parents[2]
+
+    def compile_cases(cases: list[dict]) -> list[dict]:
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        env["PYTHONPATH"] = os.pathsep.join([str(repo), env.get("PYTHONPATH", "")])
+        proc = subprocess.run([sys.executable, "-c", _CODEGEN_SCRIPT, json.dumps(cases)], env=env, cwd=repo,
+                              capture_output=True, text=True, timeout=300, check=False)
+        assert proc.returncode == 0, f"GPU codegen failed:\n{proc.stderr[-4000:]}"
+        return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    return compile_cases

@@ -8,6 +8,7 @@ anything else is a ValueError.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import subprocess
 import sys
@@ -34,7 +35,8 @@ def _args(op):
 
 
 OPS = [pytest.param("silu_mul", id="silu_mul"), pytest.param("gmu", id="gmu")]
-_TRITON_FN = {"silu_mul": ("sambay.kernels.gating", "silu_mul_triton"), "gmu": ("sambay.kernels.gmu", "gmu_triton")}
+_TRITON_FN = {"silu_mul": ("sambay.kernels.gating", "silu_mul_triton"),
+              "gmu": ("sambay.kernels.gmu_matmul", "gmu_triton")}
 
 
 def _forbid_triton(monkeypatch, op):
@@ -120,6 +122,14 @@ def test_choice_is_made_per_call_from_the_tensors(monkeypatch):
     assert kernels._use_triton("torch", cuda) is False
     monkeypatch.setattr(kernels, "has_triton", lambda: False)       # same process, next call: no triton
     assert kernels._use_triton("auto", cuda) is False
+
+
+@pytest.mark.parametrize("name", kernels.__all__)
+def test_no_submodule_shadows_a_public_name(name):
+    """Importing a submodule binds it as an attribute of the package: a kernel module named like a public
+    function (e.g. ``sambay/kernels/gmu.py``) would replace ``sambay.kernels.gmu`` on first Triton use."""
+    assert importlib.util.find_spec(f"sambay.kernels.{name}") is None
+    assert callable(getattr(kernels, name))
 
 
 def test_fresh_process_without_interpreter():

@@ -258,6 +258,34 @@ def test_fp64_gradcheck(kernel_device):
     assert torch.autograd.gradcheck(lambda t: silu_mul_triton(*halves(t)), (u,))
 
 
+def test_gpu_codegen_vectorizes(gpu_codegen):
+    """Without a GPU: the kernels compile for sm_80 and sm_90, and bf16 fused halves (C = 4096, so row
+    strides and the value pointer are 16-byte aligned) get 16-byte vector loads and stores."""
+    from sambay.kernels.gating import _silu_mul_config
+
+    block_r, block_c, num_warps = _silu_mul_config(4096, None, None)
+    tiles = {"BLOCK_R": block_r, "BLOCK_C": block_c, "ACC": {"tl": "float32"}}
+    ints = {"R": "i32", "C": "i32", "D1": "i32"}
+    fwd_sig = {"gate_ptr": "*bf16", "value_ptr": "*bf16", "out_ptr": "*bf16", **ints,
+               **dict.fromkeys(["g_s0", "g_s1", "v_s0", "v_s1"], "i32")}
+    bwd_sig = {**dict.fromkeys(["grad_ptr", "gate_ptr", "value_ptr", "dgate_ptr", "dvalue_ptr"], "*bf16"), **ints,
+               **dict.fromkeys(["d_s0", "d_s1", "g_s0", "g_s1", "v_s0", "v_s1"], "i32")}
+    aligned = lambda sig: [k for k in sig if k not in ("R", "D1")]
+    cases = [
+        {"module": "sambay.kernels.gating", "kernel": "_silu_mul_fwd_kernel", "signature": fwd_sig,
+         "constexprs": {**tiles, "TWO_LEVELS": two}, "divisible": aligned(fwd_sig), "archs": [80, 90],
+         "options": {"num_warps": num_warps}} for two in (False, True)
+    ] + [
+        {"module": "sambay.kernels.gating", "kernel": "_silu_mul_bwd_kernel", "signature": bwd_sig,
+         "constexprs": {**tiles, "TWO_LEVELS": False, "NEED_DGATE": True, "NEED_DVALUE": True},
+         "divisible": aligned(bwd_sig), "archs": [80, 90], "options": {"num_warps": num_warps}},
+    ]
+    results = gpu_codegen(cases)
+    assert len(results) == 6
+    for r in results:
+        assert r["ld_v4"] > 0 and r["st_v4"] > 0, r
+
+
 # --------------------------------------------------------------------------------------------------- CUDA
 def _err(actual, exact):
     return (actual.double() - exact.double()).abs().max().item()

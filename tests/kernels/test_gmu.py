@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 
 pytest.importorskip("triton")
+import triton.language as tl
 
-from sambay.kernels.gmu import _gmu_bwd, _gmu_fwd, gmu_triton
+from sambay.kernels.gmu_matmul import _gmu_bwd, _gmu_fwd, gmu_triton
 from sambay.kernels.reference import gmu_ref, silu_mul_ref
 
 pytestmark = pytest.mark.triton
@@ -246,6 +247,41 @@ def test_fp64_gradcheck(kernel_device):
     assert torch.autograd.gradcheck(gmu_triton, (x, w, m))
 
 
+def test_gpu_codegen_uses_tensor_cores(gpu_codegen):
+    """Without a GPU: both kernels compile for sm_90 (and the bf16 forward for sm_80) with the launcher's
+    bf16 and fp32 tiles; bf16 runs on tensor cores (wgmma on Hopper, mma.sync on Ampere) with 16-byte
+    epilogue stores, and the pipelined shared memory fits the ~99 KB of consumer GPUs too."""
+    from sambay.kernels.gmu_matmul import _gmu_config
+
+    fwd_ints = ["M", "N", "K", "s_xm", "s_wn", "s_mm", "s_om"]
+    bwd_ints = ["M", "N", "K", "s_xm", "s_wn", "s_mm", "s_gm", "s_dhm", "s_dmm"]
+    cases = []
+    for dtype, name in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
+        cfg = _gmu_config(4096, dtype, dtype, None, None, None, None)
+        options = {"num_warps": cfg.pop("num_warps"), "num_stages": cfg.pop("num_stages")}
+        consts = {k: {"tl": {"fp32": "float32", "fp64": "float64"}[v.name]} if isinstance(v, tl.dtype) else v
+                  for k, v in cfg.items()}
+        for kernel, ptrs, ints, units, flags in (
+            ("_gmu_fwd_kernel", ["x_ptr", "w_ptr", "mem_ptr", "out_ptr"], fwd_ints,
+             ["s_xk", "s_wk", "s_mn", "s_on"], {}),
+            ("_gmu_bwd_kernel", ["x_ptr", "w_ptr", "mem_ptr", "grad_ptr", "dh_ptr", "dmem_ptr"], bwd_ints,
+             ["s_xk", "s_wk", "s_mn", "s_gn", "s_dhn", "s_dmn"], {"NEED_DH": True, "NEED_DMEM": True}),
+        ):
+            # unit strides become constexpr 1, as the JIT specializes them
+            cases.append({"module": "sambay.kernels.gmu_matmul", "kernel": kernel,
+                          "signature": {**dict.fromkeys(ptrs, f"*{name}"), **dict.fromkeys(ints, "i32")},
+                          "constexprs": {**consts, **flags, **dict.fromkeys(units, 1)},
+                          "divisible": ptrs + ints[1:], "options": options,
+                          # Ampere (mma.sync) once, for the bf16 forward; Hopper for all; keeps it fast
+                          "archs": [80, 90] if (name, kernel) == ("bf16", "_gmu_fwd_kernel") else [90]})
+    results = gpu_codegen(cases)
+    assert [(r["kernel"], r["arch"]) for r in results] == [(c["kernel"], a) for c in cases for a in c["archs"]]
+    for r in results:
+        assert r["shared"] <= 99 * 1024 and r["st_v4"] > 0, r
+    for r in results[:3]:                                                      # the bf16 cases
+        assert (r["wgmma"] if r["arch"] == 90 else r["mma_sync"]) > 0, r
+
+
 # --------------------------------------------------------------------------------------------------- CUDA
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -278,12 +314,11 @@ def test_cuda_bf16_realistic(rows, c, e):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_auto_dispatch_uses_triton(monkeypatch):
     """backend="auto" sends CUDA tensors to the Triton kernel."""
-    import sambay.kernels.gmu as gmu_mod
-    from sambay.kernels import gmu
+    from sambay.kernels import gmu, gmu_matmul
 
     calls = []
-    real = gmu_mod.gmu_triton
-    monkeypatch.setattr(gmu_mod, "gmu_triton", lambda *a: calls.append(1) or real(*a))
+    real = gmu_matmul.gmu_triton
+    monkeypatch.setattr(gmu_matmul, "gmu_triton", lambda *a: calls.append(1) or real(*a))
     x = torch.randn(4, 64, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(32, 64, device="cuda", dtype=torch.bfloat16)
     gmu(x, w, torch.randn(4, 32, device="cuda", dtype=torch.bfloat16))
