@@ -6,17 +6,23 @@ After ``register()`` (which ``import sambay`` calls),
 
 builds sambay's model instead of the checkpoint's remote code: transformers uses a registered local class
 and ignores the ``auto_map`` of config.json unless trust_remote_code=True is passed (transformers >= 5 uses
-the registered class even then). The wrapper's submodules are sambay's own (``model``, ``lm_head``), so
+the registered class even then). The model's submodules are sambay's own (``model``, ``lm_head``), so
 parameter names equal the checkpoint keys, and loading and saving go through :mod:`sambay.loading` (the
 same strict loader, the released layout).
 
-Without transformers this module defines nothing and ``register()`` returns False. If transformers ever
-ships its own ``phi4flash``, ``register()`` leaves it in place rather than replace a library class.
+``PreTrainedModel`` pulls in torch._dynamo (and with it triton), seconds of import time, so the model class
+is defined, and registered for AutoModelForCausalLM, when the first ``Phi4FlashConfig`` is created: every
+Auto path builds the config before it looks for the model class. ``register()`` itself only registers the
+config, which imports the light part of transformers.
+
+Without transformers, ``register()`` does nothing and returns False. If transformers ever ships its own
+``phi4flash``, ``register()`` leaves it in place rather than replace a library class.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 
@@ -25,17 +31,16 @@ from sambay.config import MODEL_TYPE, SambaYConfig
 from sambay.model import SambaYForCausalLM
 
 try:
-    from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
-    from transformers.modeling_outputs import CausalLMOutput
+    from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 except ImportError:  # transformers is optional: nothing to register
-    PretrainedConfig = PreTrainedModel = None
+    PretrainedConfig = None
 
-__all__ = ["register", "Phi4FlashConfig", "Phi4FlashForCausalLM"]
+__all__ = ["Phi4FlashConfig", "Phi4FlashForCausalLM", "register"]  # noqa: F822 (the model class is lazy)
 
-# SambaYConfig's constructor fields and defaults: the HF config carries exactly these keys.
-_FIELDS = {f.name: f.default for f in dataclasses.fields(SambaYConfig) if f.init and f.name not in ("extra",
-                                                                                                    "torch_dtype")}
+# SambaYConfig's constructor fields and defaults: the transformers config carries exactly these keys.
+_FIELDS = {f.name: f.default for f in dataclasses.fields(SambaYConfig)
+           if f.init and f.name not in ("extra", "torch_dtype")}
 # from_pretrained arguments that transformers (AutoModel, hub plumbing) passes and sambay's loader does not
 # need: accepted and ignored. Anything else it cannot honour is a TypeError.
 _IGNORED = {"trust_remote_code", "_from_auto", "adapter_kwargs", "revision", "cache_dir", "token", "proxies",
@@ -44,13 +49,18 @@ _IGNORED = {"trust_remote_code", "_from_auto", "adapter_kwargs", "revision", "ca
 
 
 def register() -> bool:
-    """Register the classes below with transformers' Auto classes (idempotent). Returns False when
-    transformers is not installed or has a native ``phi4flash`` of its own, True otherwise."""
+    """Register sambay with transformers' Auto classes (idempotent). Returns False when transformers is not
+    installed or has a native ``phi4flash`` of its own, True otherwise."""
     if PretrainedConfig is None or MODEL_TYPE in CONFIG_MAPPING_NAMES:
         return False
     AutoConfig.register(MODEL_TYPE, Phi4FlashConfig, exist_ok=True)
-    AutoModelForCausalLM.register(Phi4FlashConfig, Phi4FlashForCausalLM, exist_ok=True)
     return True
+
+
+def __getattr__(name: str):
+    if name == "Phi4FlashForCausalLM":  # built on first use (see the module docstring); None without transformers
+        return None if PretrainedConfig is None else _model_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 if PretrainedConfig is not None:
@@ -64,6 +74,7 @@ if PretrainedConfig is not None:
             for name, default in _FIELDS.items():
                 kwargs.setdefault(name, default)
             super().__init__(**kwargs)
+            AutoModelForCausalLM.register(Phi4FlashConfig, _model_class(), exist_ok=True)
 
         def to_sambay(self, base: SambaYConfig | None = None) -> SambaYConfig:
             """This config as a SambaYConfig; keys it does not carry (auto_map, ...) are taken from ``base``."""
@@ -80,6 +91,15 @@ if PretrainedConfig is not None:
             d.pop("auto_map", None)  # sambay is the code; do not point back at remote code
             return cls(**d)
 
+else:
+    Phi4FlashConfig = None
+
+
+@functools.cache
+def _model_class():
+    from transformers import GenerationConfig, PreTrainedModel
+    from transformers.modeling_outputs import CausalLMOutput
+
     class Phi4FlashForCausalLM(PreTrainedModel):
         """sambay's SambaYForCausalLM behind the PreTrainedModel interface. ``model`` and ``lm_head`` are
         sambay modules; forward has sambay's signature and returns a transformers ``CausalLMOutput``."""
@@ -87,18 +107,35 @@ if PretrainedConfig is not None:
         config_class = Phi4FlashConfig
         base_model_prefix = "model"
         supports_gradient_checkpointing = True
-        _no_split_modules = ["Block"]
+        accepts_loss_kwargs = False  # Trainer: the loss is the mean over the batch's real tokens
 
         def __init__(self, config: Phi4FlashConfig, sambay_model: SambaYForCausalLM | None = None):
             super().__init__(config)
             lm = sambay_model if sambay_model is not None else SambaYForCausalLM(config.to_sambay())
             self.sambay_config = lm.config
             self.model, self.lm_head = lm.model, lm.lm_head
+            if getattr(self, "generation_config", None) is None:  # peft reads it
+                self.generation_config = GenerationConfig(bos_token_id=config.bos_token_id,
+                                                          eos_token_id=config.eos_token_id,
+                                                          pad_token_id=config.pad_token_id)
 
-        def forward(self, input_ids, attention_mask=None, cache=None, labels=None, logits_to_keep=0):
+        def forward(self, input_ids, attention_mask=None, cache=None, labels=None, logits_to_keep=0, **unset):
+            """sambay's forward. ``unset``: the transformers plumbing that wrappers such as peft's
+            PeftModelForCausalLM always pass (inputs_embeds, output_attentions, ...), accepted only when unset."""
+            given = sorted(k for k, v in unset.items()
+                           if v is not None and v is not False and k not in ("return_dict", "use_cache"))
+            if given:
+                raise TypeError(f"{type(self).__name__}.forward does not support {given}")
             # SambaYForCausalLM.forward reads only self.model and self.lm_head: one code path for both.
             out = SambaYForCausalLM.forward(self, input_ids, attention_mask, cache, labels, logits_to_keep)
             return CausalLMOutput(loss=out.loss, logits=out.logits)
+
+        @classmethod
+        def can_generate(cls) -> bool:
+            return False  # transformers' generation machinery is not used: generate() below is sambay's
+
+        def prepare_inputs_for_generation(self, input_ids, **kwargs):  # peft looks it up
+            return {"input_ids": input_ids, **kwargs}
 
         def as_sambay(self) -> SambaYForCausalLM:
             """A SambaYForCausalLM over this model's modules (shared, not copied)."""
@@ -155,9 +192,21 @@ if PretrainedConfig is not None:
             dtype = dtype if dtype is not None else torch_dtype
             return cls(config, SambaYForCausalLM(config.to_sambay(), dtype=dtype))
 
-        def save_pretrained(self, save_directory, max_shard_size="5GB", **kwargs):
-            """The released layout (config.json + safetensors), written by sambay's saver."""
-            self.as_sambay().save_pretrained(save_directory, max_shard_size=max_shard_size)
+        def save_pretrained(self, save_directory, max_shard_size="5GB", state_dict=None, is_main_process=True,
+                            safe_serialization=True, **kwargs):
+            """The released layout (config.json + safetensors), written by sambay's saver. ``state_dict``
+            (Trainer passes gathered weights) is saved instead of this model's own parameters."""
+            if any(v is not None and v is not False for v in kwargs.values()):
+                raise TypeError(f"{type(self).__name__}.save_pretrained: unsupported arguments {sorted(kwargs)}")
+            if not is_main_process:
+                return
+            lm = self.as_sambay()
+            if state_dict is not None:
+                with torch.device("meta"):
+                    lm = SambaYForCausalLM(self.sambay_config)
+                lm.load_state_dict(state_dict, strict=True, assign=True)
+                lm.tie_weights()
+            lm.save_pretrained(save_directory, max_shard_size=max_shard_size)
 
-else:
-    Phi4FlashConfig = Phi4FlashForCausalLM = None
+    Phi4FlashForCausalLM.__qualname__ = "Phi4FlashForCausalLM"  # picklable as sambay.hf.Phi4FlashForCausalLM
+    return Phi4FlashForCausalLM

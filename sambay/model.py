@@ -74,16 +74,20 @@ class Block(nn.Module):
         self.resid_dropout = nn.Dropout(c.resid_pdrop)
         self.is_memory_layer = index == c.memory_layer
 
-    def forward(self, h: torch.Tensor, ctx: _Context) -> torch.Tensor:
-        """h: (B, T, C) fp32 residual stream -> (B, T, C) fp32."""
+    def forward(self, h: torch.Tensor, ctx: _Context):
+        """h: (B, T, C) fp32 residual stream -> (h (B, T, C) fp32, export). ``export`` is the memory on the
+        memory layer, the shared (k, v) on the KV layer, else None. A block never writes into ``ctx``:
+        wrappers such as FSDP2's fully_shard may hand it a copy (they rebuild dataclass arguments)."""
         a = self.input_layernorm(h.to(ctx.dtype))
-        h = h + self._drop(self._mix(a, ctx))
-        return h + self._drop(self.mlp(self.post_attention_layernorm(h.to(ctx.dtype))))
+        out, export = self._mix(a, ctx)
+        h = h + self._drop(out)
+        return h + self._drop(self.mlp(self.post_attention_layernorm(h.to(ctx.dtype)))), export
 
     def _drop(self, x: torch.Tensor) -> torch.Tensor:
         return self.resid_dropout(x) if self.training and self.resid_dropout.p > 0 else x
 
-    def _mix(self, a: torch.Tensor, ctx: _Context) -> torch.Tensor:
+    def _mix(self, a: torch.Tensor, ctx: _Context):
+        """Returns (mixer output, export): see forward."""
         state = ctx.cache.layers[self.index] if ctx.cache is not None else None
         role, T = self.role, a.shape[1]
         if role == "mamba":
@@ -91,19 +95,16 @@ class Block(nn.Module):
                 out, memory = self.attn.step(a, state, ctx.pad)
             else:
                 out, memory = self.attn(a, ctx.pad, state, fresh=ctx.p0 == 0)
-            if self.is_memory_layer:
-                ctx.memory = memory
-            return out
+            return out, memory if self.is_memory_layer else None
         if role == "gmu":
-            return self.attn(a, ctx.memory)
+            return self.attn(a, ctx.memory), None
         if role == "cross_attention":
-            return self.attn(a, *ctx.kv, ctx.cross, ctx.pad_kept)
+            return self.attn(a, *ctx.kv, ctx.cross, ctx.pad_kept), None
         q, k, v = self.attn.project(a)
         if role == "full_attention":
             if state is not None:
                 k, v = state.write(k, v, ctx.p0)
-            ctx.kv = (k, v)
-            return self.attn(q, k, v, ctx.full, ctx.pad)
+            return self.attn(q, k, v, ctx.full, ctx.pad), (k, v)
         # sliding window
         if state is not None:
             if T == 1:  # decode: write into the ring first, then attend over the ring in place
@@ -114,7 +115,7 @@ class Block(nn.Module):
                 if ctx.p0 > 0:  # earlier chunks: the ring's keys come first (sliding_plan's layout)
                     k, v = torch.cat([state.k, k], dim=3), torch.cat([state.v, v], dim=2)
                 state.write(new_k, new_v, ctx.p0)
-        return self.attn(q, k, v, ctx.sliding, ctx.pad)
+        return self.attn(q, k, v, ctx.sliding, ctx.pad), None
 
 
 class SambaYModel(nn.Module):
@@ -155,9 +156,13 @@ class SambaYModel(nn.Module):
                 h, ctx.memory = h[:, T - keep:], ctx.memory[:, T - keep:]  # YOCO prefill skip
                 ctx.pad = ctx.pad_kept
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                h = checkpoint(block, h, ctx, use_reentrant=False)
+                h, export = checkpoint(block, h, ctx, use_reentrant=False)
             else:
-                h = block(h, ctx)
+                h, export = block(h, ctx)
+            if block.index == self.config.memory_layer:  # the model, not the block, fills ctx (see Block)
+                ctx.memory = export
+            elif block.index == self.config.kv_layer:
+                ctx.kv = export
         if cache is not None:
             cache.length = p0 + T
         return self.final_layernorm(h[:, h.shape[1] - keep:].to(dtype))
@@ -292,9 +297,10 @@ class SambaYForCausalLM(nn.Module):
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
                    ignore_index: int = -100) -> torch.Tensor:
-    """Mean next-token cross-entropy over real target tokens (fp32). logits (B, T, V), labels (B, T)."""
+    """Mean next-token cross-entropy over real target tokens (fp32, fp64 for fp64). logits (B, T, V), labels (B, T)."""
     target = labels[:, 1:]
     if attention_mask is not None:
         target = target.masked_fill(attention_mask[:, -labels.shape[1]:][:, 1:] == 0, ignore_index)
-    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), target.reshape(-1),
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), target.reshape(-1),
                            ignore_index=ignore_index)

@@ -16,7 +16,7 @@ def _run_with_taps(model, ids, mask):
     """Full forward, recording each layer's output, the memory and the shared K/V through hooks."""
     taps, cfg, handles = {}, model.config, []
     for i, block in enumerate(model.model.layers):
-        handles.append(block.register_forward_hook(lambda m, a, out, i=i: taps.__setitem__(f"hidden.{i}", out)))
+        handles.append(block.register_forward_hook(lambda m, a, out, i=i: taps.__setitem__(f"hidden.{i}", out[0])))
     handles.append(model.model.layers[cfg.memory_layer].attn.register_forward_hook(
         lambda m, a, out: taps.__setitem__("memory", out[1])))
     proj = model.model.layers[cfg.kv_layer].attn.project

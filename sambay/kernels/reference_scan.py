@@ -57,17 +57,26 @@ def selective_scan_ref(x, delta, A, B, C, D, z=None, s0=None):
     N = A.shape[1]
     xf, Bf, Cf = f32(x), f32(B), f32(C)
     s = torch.zeros(bsz, E, N, device=x.device, dtype=xf.dtype) if s0 is None else f32(s0)
+    # Without autograd the states are written in place (no stacking pass); with it, kept as a list.
+    in_place = not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, delta, A, B, C, s)))
     ys = []
     for t0 in range(0, T, _BLOCK):
         t1 = min(T, t0 + _BLOCK)
         d = delta[:, t0:t1, :, None]  # (B, b, E, 1)
         decay = torch.exp(d * A)  # (B, b, E, N)
-        drive = d * Bf[:, t0:t1, None, :] * xf[:, t0:t1, :, None]  # (B, b, E, N)
-        states = []
-        for t in range(t1 - t0):
-            s = torch.addcmul(drive[:, t], decay[:, t], s)
-            states.append(s)
-        ys.append(torch.einsum("bten,btn->bte", torch.stack(states, 1), Cf[:, t0:t1]))
+        drive = (d * xf[:, t0:t1, :, None]) * Bf[:, t0:t1, None, :]  # (B, b, E, N): one full-size pass
+        if in_place:
+            states = torch.empty_like(decay)
+            for t in range(t1 - t0):
+                s = torch.addcmul(drive[:, t], decay[:, t], s, out=states[:, t])
+        else:
+            states = []
+            for t in range(t1 - t0):
+                s = torch.addcmul(drive[:, t], decay[:, t], s)
+                states.append(s)
+            states = torch.stack(states, 1)
+        ys.append(torch.einsum("bten,btn->bte", states, Cf[:, t0:t1]))
+    s = s.clone() if in_place else s  # detach the final state from the block buffer
     y = (torch.cat(ys, dim=1) if ys else xf.new_zeros(bsz, 0, E)) + xf * f32(D)
     if z is not None:
         y = y * F.silu(f32(z))

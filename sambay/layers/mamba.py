@@ -59,10 +59,13 @@ class Mamba(nn.Module):
     def _ssm_inputs(self, xc: torch.Tensor):
         """From the conv output (B, T, E) compute delta (fp32, softplus'd), B and C (B, T, N)."""
         dt_raw, b, c = self.x_proj(xc).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = F.linear(dt_raw, self.dt_proj.weight)  # bias is added in fp32 before the softplus, as HF does
         # softplus with threshold 20 (identity above it), the CUDA scan's rule.
-        delta = F.softplus(f32(dt) + f32(self.dt_proj.bias))
-        return delta, b, c
+        if type(self.dt_proj) is nn.Linear:
+            dt = F.linear(dt_raw, self.dt_proj.weight)  # bias is added in fp32 before the softplus, as HF does
+            return F.softplus(f32(dt) + f32(self.dt_proj.bias)), b, c
+        # dt_proj was wrapped (e.g. a LoRA adapter): call it so the wrapper's math is not bypassed
+        # (the bias is then added in the model dtype, one extra rounding in bf16).
+        return F.softplus(f32(self.dt_proj(dt_raw))), b, c
 
     def _outputs(self, scan, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Apply the output gate where HF does. ``scan(z)`` runs the scan, gated by z when given.
