@@ -87,4 +87,5 @@ def ring_plan(ring_pos: torch.Tensor, full: bool, kvalid: torch.Tensor | None, b
     kv = (ring_pos >= 0)[None].expand(batch, -1)
     if kvalid is not None:
         kv = kv & kvalid[:, ring_pos.clamp(min=0)]
+        kv = kv | ~kv.any(-1, keepdim=True)  # a padded decode query sees no key: let it see all (zeroed later)
     return [AttnCall(slice(0, 1), slice(0, R), kv[:, None, None, :])]

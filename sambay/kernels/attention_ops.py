@@ -34,8 +34,33 @@ def attend_ref(q, k, v, mask, causal: bool, scale: float, dropout_p: float = 0.0
     Returns:
         (B, Hq, tq, Dv)
     """
+    if not q.is_cuda and q.shape[2] <= _MATMUL_ROWS and dropout_p == 0.0:
+        return _attend_matmul(q, k, v, mask, causal, scale)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal,
                                           scale=scale, enable_gqa=True)
+
+
+# Decode-sized calls (few query rows) on the CPU: SDPA's CPU kernels parallelise over query blocks and copy
+# strided K/V, and are 20-100x slower than two matmuls here; the scores of so few rows are small.
+_MATMUL_ROWS = 16
+
+
+def _attend_matmul(q, k, v, mask, causal: bool, scale: float) -> torch.Tensor:
+    """attend_ref as two matmuls with an fp32 softmax. Same shapes and semantics."""
+    B, H, tq, D = q.shape
+    G, tk = k.shape[1], k.shape[2]
+    r = H // G  # query heads per kv head (consecutive)
+    if q.dtype in (torch.float16, torch.bfloat16):  # keep the scores in fp32, as fused kernels do
+        q, k, v, out_dtype = q.float(), k.float(), v.float(), q.dtype
+    else:
+        out_dtype = q.dtype
+    s = torch.matmul(q.reshape(B, G, r * tq, D), k.transpose(-1, -2)).view(B, G, r, tq, tk) * scale
+    if mask is not None:
+        s = s.masked_fill(~mask[:, :, None], float("-inf"))  # (B, 1, 1, tq, tk)
+    elif causal:
+        s = s.masked_fill(torch.ones(tq, tk, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    p = torch.softmax(s, dim=-1).view(B, G, r * tq, tk)
+    return torch.matmul(p, v).view(B, H, tq, v.shape[-1]).to(out_dtype)
 
 
 def _attend_flash(q, k, v, flash, scale: float, dropout_p: float) -> torch.Tensor:

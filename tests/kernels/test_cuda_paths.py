@@ -140,3 +140,27 @@ def test_model_on_cuda_matches_cpu_twins():
     ref = fixture_model("small16")(inp["input_ids"]).logits.detach()
     assert _err(fast, ref) <= 2 * _err(twin, ref) + 1e-2
     del mask, exp
+
+
+@pytest.mark.parametrize("tq, tk, masked, causal, dtype", [
+    pytest.param(1, 37, False, False, torch.float32, id="decode"),
+    pytest.param(3, 20, True, False, torch.float32, id="masked-chunk"),
+    pytest.param(6, 6, False, True, torch.float64, id="causal"),
+    pytest.param(1, 50, True, False, torch.bfloat16, id="bf16-decode"),
+])
+def test_matmul_attention_for_few_rows_equals_sdpa(tq, tk, masked, causal, dtype):
+    """The CPU decode path (two matmuls) against SDPA itself, in a dtype above the one compared."""
+    g = torch.Generator().manual_seed(tq * tk)
+    q, k, v = torch.randn(2, 6, tq, 8, generator=g), torch.randn(2, 3, tk, 8, generator=g), torch.randn(2, 3, tk, 16,
+                                                                                                        generator=g)
+    mask = torch.rand(2, 1, tq, tk, generator=g) > 0.3 if masked else None
+    if mask is not None:
+        mask[..., 0] = True
+    ref = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(),
+                                                           attn_mask=mask, is_causal=causal, scale=0.3,
+                                                           enable_gqa=True)
+    out = attention_ops._attend_matmul(q.to(dtype), k.to(dtype), v.to(dtype), mask, causal, 0.3)
+    assert out.dtype == dtype
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-6
+    assert _err(out.double(), ref) <= tol
+    assert attention_ops._MATMUL_ROWS >= 1  # decode (tq=1) always takes this path on the CPU
