@@ -9,6 +9,7 @@ when a dtype change is asked for.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
@@ -151,6 +152,22 @@ def _check_keys(model: torch.nn.Module, headers: list[tuple[dict, int]], files: 
                               f"({len(problems)} problem(s)):\n" + "\n".join(problems))
 
 
+@contextlib.contextmanager
+def _skip_init():
+    """Make torch.nn.init's fills no-ops while building on the meta device: every value is overwritten by
+    the checkpoint, and running the initialisers on meta tensors imports torch._dynamo (~150 MiB of RSS)."""
+    names = ("uniform_", "normal_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_", "xavier_normal_",
+             "trunc_normal_", "zeros_", "ones_", "constant_")
+    saved = {n: getattr(torch.nn.init, n) for n in names}
+    try:
+        for n in names:
+            setattr(torch.nn.init, n, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(torch.nn.init, n, f)
+
+
 def _target_dtype(name: str, param: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
     # A_log, D and the lambda vectors are fp32 parameters by construction; keep them fp32.
     return param.dtype if param.dtype == torch.float32 else dtype
@@ -169,7 +186,7 @@ def from_pretrained(path, dtype: torch.dtype | None = None, device=None, cls=Non
         dtype = getattr(torch, dtype)
     files = checkpoint_files(directory)
     headers = [read_header(p) for p in files]
-    with torch.device("meta"):
+    with torch.device("meta"), _skip_init():
         model = cls(config, dtype=dtype)
     _check_keys(model, headers, files)
     device = torch.device(device) if device is not None else torch.device("cpu")
