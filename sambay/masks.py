@@ -50,7 +50,7 @@ def sliding_plan(p0: int, T: int, window: int, ring_pos: torch.Tensor | None, kv
 
     ring_pos: (R,) positions held by the ring before this call (-1 = empty), or None when the ring
     is not read (no cache, or nothing cached yet). kvalid: (B, p0+T) real-token flags by position, or
-    None. Long inputs are cut into query blocks of ``window`` rows that only see the keys their window
+    None. Long inputs are cut into query blocks of ``window // 2`` rows that only see the keys their window
     can reach, so the cost is O(T * W), not O(T^2).
     """
     R = 0 if ring_pos is None else ring_pos.numel()
@@ -59,7 +59,9 @@ def sliding_plan(p0: int, T: int, window: int, ring_pos: torch.Tensor | None, kv
     kvalid_all = None
     if kvalid is not None:
         kvalid_all = kvalid[:, kpos_all.clamp(min=0)] & (kpos_all >= 0)
-    block = T if T <= 2 * window else window
+    # Query blocks of half a window see W/2 + W - 1 keys: 1.5x the useful scores rather than 2x with
+    # whole-window blocks, in few enough SDPA calls (measured: 17% faster at 8K tokens, W = 512).
+    block = T if T <= 2 * window else max(1, window // 2)
     plan = []
     for t0 in range(0, T, block):
         t1 = min(T, t0 + block)
