@@ -70,10 +70,6 @@ def peak_rss():
     return (r if sys.platform == "darwin" else r * 1024), "ru_maxrss"  # bytes on macOS, KiB on Linux
 
 base, source = peak_rss()
-if sys.argv[3] == "meta":  # only the fixed part: build the same model on the meta device (no weights)
-    sambay.SambaYForCausalLM(sambay.SambaYConfig.from_pretrained(sys.argv[1]), device="meta")
-    print("RESULT " + json.dumps({"base_rss": base, "peak_rss": peak_rss()[0]}))
-    sys.exit(0)
 t0 = time.perf_counter()
 model = sambay.SambaYForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16)
 load_s = time.perf_counter() - t0
@@ -122,17 +118,11 @@ def load_peak_rss(plan, threads: int, progress, workdir: str | None = None) -> d
         pkg_root = str(Path(__file__).resolve().parents[2])  # so the child imports this same sambay
         env["PYTHONPATH"] = pkg_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         r = _child(tmp, threads, "load", env)
-        meta = _child(tmp, threads, "meta", env)  # info: the part of the growth that does not scale with size
     grown = r["peak_rss"] - r["base_rss"]
-    fixed = meta["peak_rss"] - meta["base_rss"]
     ratio = grown / size
     progress(
         f"C7 peak RSS growth {grown / 2**20:.1f} MiB for {size / 2**20:.1f} MiB of safetensors: {ratio:.3f}x "
         f"(load {r['load_s']:.2f} s)"
-    )
-    progress(
-        f"C7 of which {fixed / 2**20:.1f} MiB is the same with no weights at all (building the model on the meta "
-        f"device); without it {(grown - fixed) / size:.3f}x"
     )
     raw = {
         "checkpoint_bytes": size,
@@ -143,7 +133,5 @@ def load_peak_rss(plan, threads: int, progress, workdir: str | None = None) -> d
         },
         **r,
         "rss_growth": grown,
-        "meta_build_rss_growth": fixed,
-        "ratio_without_meta_build": (grown - fixed) / size,
     }
     return {"targets": {"c7_peak_rss_ratio": ratio}, "raw": raw}
