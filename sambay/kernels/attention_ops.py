@@ -50,22 +50,49 @@ def attend_ref(q, k, v, mask, causal: bool, scale: float, dropout_p: float = 0.0
 _MATMUL_ROWS = 16
 
 
-def _attend_matmul(q, k, v, mask, causal: bool, scale: float) -> torch.Tensor:
-    """attend_ref as two matmuls with an fp32 softmax. Same shapes and semantics."""
+def _probs(q, k, mask, causal: bool, scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale) for GQA heads grouped per kv head: (B, G, r * tq, tk), fp32 or fp64."""
     B, H, tq, D = q.shape
     G, tk = k.shape[1], k.shape[2]
     r = H // G  # query heads per kv head (consecutive)
     if q.dtype in (torch.float16, torch.bfloat16):  # keep the scores in fp32, as fused kernels do
-        q, k, v, out_dtype = q.float(), k.float(), v.float(), q.dtype
-    else:
-        out_dtype = q.dtype
+        q, k = q.float(), k.float()
     s = torch.matmul(q.reshape(B, G, r * tq, D), k.transpose(-1, -2)).view(B, G, r, tq, tk) * scale
     if mask is not None:
         s = s.masked_fill(~mask[:, :, None], float("-inf"))  # (B, 1, 1, tq, tk)
     elif causal:
         s = s.masked_fill(torch.ones(tq, tk, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
-    p = torch.softmax(s, dim=-1).view(B, G, r * tq, tk)
-    return torch.matmul(p, v).view(B, H, tq, v.shape[-1]).to(out_dtype)
+    return torch.softmax(s, dim=-1).view(B, G, r * tq, tk)
+
+
+def _attend_matmul(q, k, v, mask, causal: bool, scale: float) -> torch.Tensor:
+    """attend_ref as two matmuls with an fp32 softmax. Same shapes and semantics."""
+    B, H, tq, _ = q.shape
+    p = _probs(q, k, mask, causal, scale)
+    return torch.matmul(p, v.to(p.dtype)).view(B, H, tq, v.shape[-1]).to(q.dtype)
+
+
+def _attend_pair_matmul(q1, q2, k, v, mask, causal: bool, scale: float):
+    """attend_pair with one read of V: both maps' probabilities stacked, then a single matmul."""
+    B, H, tq, _ = q1.shape
+    p = torch.cat([_probs(q1, k[:, 0], mask, causal, scale), _probs(q2, k[:, 1], mask, causal, scale)], dim=2)
+    o = torch.matmul(p, v.to(p.dtype)).to(q1.dtype)  # (B, G, 2 * r * tq, Dv)
+    half = p.shape[2] // 2
+    return o[:, :, :half].reshape(B, H, tq, -1), o[:, :, half:].reshape(B, H, tq, -1)
+
+
+def attend_pair(q1, q2, k, v, mask, causal: bool, scale: float, dropout_p: float = 0.0, flash=None,
+                backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Both maps of differential attention: (attend(q1, k[:, 0], v), attend(q2, k[:, 1], v)).
+
+    Args: q1, q2 (B, Hq/2, tq, D); k (B, 2, G, tk, D) the two key stripes; v (B, G, tk, Dv).
+    Decode-sized CPU calls compute both probability maps first and multiply them with V in one matmul,
+    so each step reads K and V once (two separate calls would read V twice).
+    """
+    if backend != "cuda" and not q1.is_cuda and q1.shape[2] <= _MATMUL_ROWS and dropout_p == 0.0:
+        return _attend_pair_matmul(q1, q2, k, v, mask, causal, scale)
+    return tuple(attend(q, k[:, s], v, mask, causal, scale, dropout_p, flash, backend)
+                 for s, q in ((0, q1), (1, q2)))
 
 
 def _attend_flash(q, k, v, flash, scale: float, dropout_p: float) -> torch.Tensor:

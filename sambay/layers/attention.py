@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from sambay.kernels.attention_ops import attend
+from sambay.kernels.attention_ops import attend_pair
 from sambay.kernels.reference import f32
 
 
@@ -99,8 +99,8 @@ class DiffAttentionCore(nn.Module):
         outs = []
         for c in plan:
             kk, vv = k[:, :, :, c.k], v[:, :, c.k]
-            o1, o2 = (attend(qs[:, :, c.q], kk[:, s], vv, c.mask, c.causal, self.scale, p, c.flash, self.backend)
-                      for s, qs in ((0, q1), (1, q2)))  # (B, Hq/2, tq, 2D) each
+            o1, o2 = attend_pair(q1[:, :, c.q], q2[:, :, c.q], kk, vv, c.mask, c.causal, self.scale, p, c.flash,
+                                 self.backend)  # (B, Hq/2, tq, 2D) each
             outs.append(o1 - lam * o2)
         o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
         o = self.subln(o) * (1.0 - self.lambda_init)

@@ -164,3 +164,15 @@ def test_matmul_attention_for_few_rows_equals_sdpa(tq, tk, masked, causal, dtype
     tol = 1e-2 if dtype == torch.bfloat16 else 1e-6
     assert _err(out.double(), ref) <= tol
     assert attention_ops._MATMUL_ROWS >= 1  # decode (tq=1) always takes this path on the CPU
+
+
+@pytest.mark.parametrize("tq, masked", [(1, False), (4, True)])
+def test_attend_pair_reads_v_once_and_equals_two_calls(tq, masked):
+    g = torch.Generator().manual_seed(7)
+    q1, q2 = torch.randn(2, 4, tq, 8, generator=g), torch.randn(2, 4, tq, 8, generator=g)
+    k, v = torch.randn(2, 2, 2, 30, 8, generator=g), torch.randn(2, 2, 30, 16, generator=g)
+    mask = (torch.rand(2, 1, tq, 30, generator=g) > 0.3) | (torch.arange(30) == 0) if masked else None
+    o1, o2 = attention_ops.attend_pair(q1, q2, k, v, mask, False, 0.35)
+    r1 = torch.nn.functional.scaled_dot_product_attention(q1, k[:, 0], v, attn_mask=mask, scale=0.35, enable_gqa=True)
+    r2 = torch.nn.functional.scaled_dot_product_attention(q2, k[:, 1], v, attn_mask=mask, scale=0.35, enable_gqa=True)
+    assert _err(o1, r1) <= 1e-6 and _err(o2, r2) <= 1e-6
