@@ -11,12 +11,7 @@ peft = pytest.importorskip("peft")
 TARGETS = ["Wqkv", "out_proj", "in_proj", "x_proj", "dt_proj", "fc1", "fc2"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _lora_model(seed: int = 0):
