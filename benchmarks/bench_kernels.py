@@ -207,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
 
     cases: list[Case] = []
     for rows, c in silu_sizes:
-        cases += _silu_mul_cases(rows, c, dtype, device, implementations(silu_mul_ref, "silu_mul", device, compile_twin))
+        impls = implementations(silu_mul_ref, "silu_mul", device, compile_twin)
+        cases += _silu_mul_cases(rows, c, dtype, device, impls)
     for m, c, e in gmu_sizes:
         cases += _gmu_cases(m, c, e, dtype, device, implementations(gmu_ref, "gmu", device, compile_twin))
 

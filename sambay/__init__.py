@@ -22,5 +22,13 @@ def generate(model, input_ids, **kwargs):
     return _generate(model, input_ids, **kwargs)
 
 
-__all__ = ["SambaYConfig", "SambaYForCausalLM", "SambaYModel", "SambaYCache", "CausalLMOutput", "cache_nbytes",
-           "from_pretrained", "generate"]
+__all__ = [
+    "CausalLMOutput",
+    "SambaYCache",
+    "SambaYConfig",
+    "SambaYForCausalLM",
+    "SambaYModel",
+    "cache_nbytes",
+    "from_pretrained",
+    "generate",
+]

@@ -20,8 +20,8 @@ from torch.utils.checkpoint import checkpoint
 
 from sambay.cache import SambaYCache
 from sambay.config import SambaYConfig
-from sambay.layers import GMU, MLP, Attention, AttnCall, CrossAttention, DiffAttentionCore, Mamba
 from sambay.kernels.reference import f32
+from sambay.layers import GMU, MLP, Attention, AttnCall, CrossAttention, DiffAttentionCore, Mamba
 from sambay.masks import prefix_plan, ring_plan, sliding_plan
 
 

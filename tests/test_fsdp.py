@@ -67,7 +67,8 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
                 results[f"{name}.{n}"] = p.full_tensor().contiguous()
         # The documented bf16 recipe: fp32 master weights, bf16 compute (A_log, D, lambda are fp32 parameters,
         # so a bf16 model would mix dtypes inside one FSDP group, which FSDP2 rejects).
-        model = _shard(fixture_model("tiny8").train(), MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32))
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        model = _shard(fixture_model("tiny8").train(), policy)
         loss = _step(model, local)
         dist.all_reduce(loss)
         results["bf16.loss"] = (loss / WORLD).reshape(1)

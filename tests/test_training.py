@@ -10,7 +10,6 @@ from helpers import fixture_model, load_fixture, random_model
 
 from sambay import SambaYForCausalLM
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

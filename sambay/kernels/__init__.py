@@ -12,16 +12,16 @@ import torch
 
 from sambay.kernels.reference import gmu_ref, silu_mul_ref
 
-__all__ = ["silu_mul", "gmu", "has_triton", "triton_interpreter", "silu_mul_ref", "gmu_ref"]
+__all__ = ["gmu", "gmu_ref", "has_triton", "silu_mul", "silu_mul_ref", "triton_interpreter"]
 
 _BACKENDS = ("auto", "torch", "triton")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def has_triton() -> bool:
     """Whether ``import triton`` works (a capability check, cached; it changes no math)."""
     try:
-        import triton  # noqa: F401
+        import triton
         import triton.language  # noqa: F401
     except Exception:
         return False

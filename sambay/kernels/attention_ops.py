@@ -17,7 +17,7 @@ import torch.nn.functional as F
 _BACKENDS = ("auto", "torch", "cuda")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def has_flash_attn() -> bool:
     try:
         from flash_attn import flash_attn_func  # noqa: F401

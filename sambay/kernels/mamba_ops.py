@@ -11,13 +11,17 @@ import functools
 
 import torch
 
-from sambay.kernels.reference_scan import (causal_conv1d_ref, causal_conv1d_step_ref, selective_scan_ref,
-                                           selective_step_ref)
+from sambay.kernels.reference_scan import (
+    causal_conv1d_ref,
+    causal_conv1d_step_ref,
+    selective_scan_ref,
+    selective_step_ref,
+)
 
 _BACKENDS = ("auto", "torch", "cuda")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def has_causal_conv1d() -> bool:
     try:
         from causal_conv1d import causal_conv1d_fn, causal_conv1d_update  # noqa: F401
@@ -26,7 +30,7 @@ def has_causal_conv1d() -> bool:
     return True
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def has_mamba_ssm() -> bool:
     try:
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn  # noqa: F401

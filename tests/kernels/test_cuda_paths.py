@@ -7,13 +7,17 @@ import pytest
 import torch
 
 from sambay.kernels import attention_ops, mamba_ops
-from sambay.kernels.reference_scan import (causal_conv1d_ref, causal_conv1d_step_ref, selective_scan_ref,
-                                           selective_step_ref)
+from sambay.kernels.reference_scan import (
+    causal_conv1d_ref,
+    causal_conv1d_step_ref,
+    selective_scan_ref,
+    selective_step_ref,
+)
 
 
 def _scan_inputs(B, T, E, N, device="cpu", dtype=torch.float32):
     g = torch.Generator(device="cpu").manual_seed(0)
-    r = lambda *s: torch.randn(*s, generator=g).to(device)  # noqa: E731
+    r = lambda *s: torch.randn(*s, generator=g).to(device)
     x = r(B, T, E).to(dtype)
     delta = torch.nn.functional.softplus(r(B, T, E) - 2)
     A = -torch.exp(r(E, N) * 0.5)

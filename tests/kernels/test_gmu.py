@@ -54,7 +54,8 @@ def _contiguous(dt, dev):
 
 def _fused_halves(dt, dev):
     # x and memory are halves of fused tensors; W is the second half of a fused (2E, C) weight
-    return [_randn(*LEAD, 2 * C, dtype=dt, device=dev, seed=3), _randn(2 * E, C, dtype=dt, device=dev, seed=4, scale=0.3),
+    return [_randn(*LEAD, 2 * C, dtype=dt, device=dev, seed=3),
+            _randn(2 * E, C, dtype=dt, device=dev, seed=4, scale=0.3),
             _randn(*LEAD, 2 * E, dtype=dt, device=dev, seed=5)], \
         (lambda x, w, m: (x[..., C:], w[E:], m[..., :E]))
 
@@ -163,7 +164,8 @@ def test_reads_stay_inside_the_views(kernel_device, poison_empty):
 
 def test_empty_and_zero_k(kernel_device):
     w = _randn(E, C, dtype=torch.float32, device=kernel_device, seed=34)
-    assert gmu_triton(torch.zeros(0, C, device=kernel_device), w, torch.zeros(0, E, device=kernel_device)).shape == (0, E)
+    empty = gmu_triton(torch.zeros(0, C, device=kernel_device), w, torch.zeros(0, E, device=kernel_device))
+    assert empty.shape == (0, E)
     x0, w0, m0 = (torch.zeros(4, 0, device=kernel_device), torch.zeros(E, 0, device=kernel_device),
                   _randn(4, E, dtype=torch.float32, device=kernel_device, seed=35))
     assert torch.equal(gmu_triton(x0, w0, m0), gmu_ref(x0, w0, m0))     # silu(0) * memory = 0

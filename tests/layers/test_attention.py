@@ -9,7 +9,7 @@ from sambay.masks import prefix_plan, sliding_plan
 def _init(module, seed):
     torch.manual_seed(seed)
     with torch.no_grad():
-        for n, p in module.named_parameters():
+        for p in module.parameters():
             p.normal_(0, 0.1 if p.dim() == 1 else p.shape[-1] ** -0.5)
     return module.double()
 
