@@ -6,7 +6,8 @@
     cross-decoder  N/2+2 .. N-1: GMU (gated by the memory) / cross diff-attention (own Q, shared K/V).
 
 The cross-decoder keeps no state, so it only runs on the positions whose logits are wanted
-(``logits_to_keep``): the YOCO prefill skip, exact by construction.
+(``logits_to_keep``), and the full-attention layer computes its output there only (its K/V are still
+written for every position): the YOCO prefill skip, exact by construction.
 """
 
 from __future__ import annotations
@@ -40,10 +41,10 @@ class _Context:
     p0: int  # position of the first new token
     cache: SambaYCache | None
     pad: torch.Tensor | None  # (B, T) bool real-token flags of the new tokens; None = no padding
+    keep: int  # the last ``keep`` positions are the ones whose logits are wanted
     sliding: list[AttnCall]
-    full: list[AttnCall]
-    cross: list[AttnCall]
-    pad_kept: torch.Tensor | None = None  # pad for the positions the cross-decoder runs on
+    kept: list[AttnCall]  # queries at the kept positions over every key so far (full and cross layers)
+    pad_kept: torch.Tensor | None = None  # pad for the kept positions
     memory: torch.Tensor | None = None  # (B, T, E) from the memory layer
     kv: tuple[torch.Tensor, torch.Tensor] | None = None  # shared K/V from the full-attention layer
 
@@ -80,6 +81,7 @@ class Block(nn.Module):
         wrappers such as FSDP2's fully_shard may hand it a copy (they rebuild dataclass arguments)."""
         a = self.input_layernorm(h.to(ctx.dtype))
         out, export = self._mix(a, ctx)
+        h = h[:, h.shape[1] - out.shape[1]:]  # the full-attention layer returns the kept positions only
         h = h + self._drop(out)
         return h + self._drop(self.mlp(self.post_attention_layernorm(h.to(ctx.dtype)))), export
 
@@ -99,12 +101,14 @@ class Block(nn.Module):
         if role == "gmu":
             return self.attn(a, ctx.memory), None
         if role == "cross_attention":
-            return self.attn(a, *ctx.kv, ctx.cross, ctx.pad_kept), None
+            return self.attn(a, *ctx.kv, ctx.kept, ctx.pad_kept), None
         q, k, v = self.attn.project(a)
         if role == "full_attention":
             if state is not None:
                 k, v = state.write(k, v, ctx.p0)
-            return self.attn(q, k, v, ctx.full, ctx.pad), (k, v)
+            # Its K/V are needed at every position, its output only where the cross-decoder runs: the
+            # first step of the YOCO prefill skip.
+            return self.attn(q[:, T - ctx.keep:], k, v, ctx.kept, ctx.pad_kept), (k, v)
         # sliding window
         if state is not None:
             if T == 1:  # decode: write into the ring first, then attend over the ring in place
@@ -147,14 +151,12 @@ class SambaYModel(nn.Module):
         valid = self._valid(attention_mask, cache, B, T, p0, device)
         keep = T if logits_to_keep <= 0 or logits_to_keep >= T else logits_to_keep
         pad = None if valid is None else valid[:, p0:p0 + T]
-        ctx = _Context(dtype, p0, cache, pad, self._sliding_plan(cache, p0, T, valid, B, device),
-                       prefix_plan(p0, T, T, valid, B, device), prefix_plan(p0, T, keep, valid, B, device),
-                       pad_kept=None if pad is None else pad[:, T - keep:])
+        ctx = _Context(dtype, p0, cache, pad, keep, self._sliding_plan(cache, p0, T, valid, B, device),
+                       prefix_plan(p0, T, keep, valid, B, device), pad_kept=None if pad is None else pad[:, T - keep:])
         h = f32(self.embed_tokens(input_ids))  # the residual stream is fp32 from layer 0 on
         for block in self.layers:
-            if block.index == self.config.first_cross_layer and keep < T:
-                h, ctx.memory = h[:, T - keep:], ctx.memory[:, T - keep:]  # YOCO prefill skip
-                ctx.pad = ctx.pad_kept
+            if block.index == self.config.first_cross_layer:  # YOCO prefill skip: only the kept positions
+                ctx.memory = ctx.memory[:, T - keep:]
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 h, export = checkpoint(block, h, ctx, use_reentrant=False)
             else:
