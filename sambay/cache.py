@@ -63,6 +63,12 @@ class SlidingKV:
         self.k.index_copy_(3, slots, k[:, :, :, T - keep:])
         self.v.index_copy_(2, slots, v[:, :, T - keep:])
 
+    def write_at(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
+        """The decode write with the position as a (1,) device tensor (static shapes, graph-capturable)."""
+        slot = torch.remainder(pos, self.slots)
+        self.k.index_copy_(3, slot, k)
+        self.v.index_copy_(2, slot, v)
+
 
 @dataclass
 class FullKV:
@@ -75,6 +81,12 @@ class FullKV:
         self.k[:, :, :, p0:end] = k
         self.v[:, :, p0:end] = v
         return self.k[:, :, :, :end], self.v[:, :, :end]
+
+    def write_at(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write one position given as a (1,) device tensor; return the whole buffers (static shapes)."""
+        self.k.index_copy_(3, pos, k)
+        self.v.index_copy_(2, pos, v)
+        return self.k, self.v
 
 
 def _layer_state_shapes(config: SambaYConfig, batch: int, max_length: int) -> list[dict | None]:
@@ -127,6 +139,8 @@ class SambaYCache:
         self.dtype = dtype
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.length = 0
+        # The same count as a device tensor, for the static (graph-capturable) decode step.
+        self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
         self.valid = torch.zeros(batch_size, max_length, dtype=torch.bool, device=self.device)
         self.has_padding = False
         self.layers: list[MambaState | SlidingKV | FullKV | None] = []
@@ -157,6 +171,7 @@ class SambaYCache:
     def reset(self) -> None:
         """Forget every sequence (zero all state in place) so the cache can be reused."""
         self.length = 0
+        self.pos.zero_()
         self.has_padding = False
         self.valid.zero_()
         for layer in self.layers:

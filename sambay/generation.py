@@ -32,9 +32,13 @@ def sample_next(logits: torch.Tensor, do_sample: bool = False, temperature: floa
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def decode_one_token(model, token: torch.Tensor, cache: SambaYCache) -> torch.Tensor:
-    """One decode step: token (B,) -> next-token logits (B, V). Updates ``cache`` in place."""
-    return model(token[:, None], cache=cache, logits_to_keep=1).logits[:, -1]
+def decode_one_token(model, token: torch.Tensor, cache: SambaYCache, static: bool = False) -> torch.Tensor:
+    """One decode step: token (B,) -> next-token logits (B, V). Updates ``cache`` in place.
+
+    ``static=True`` takes the position from ``cache.pos`` (a device tensor) with shapes independent of it:
+    the step to compile or capture in a CUDA graph. A replayed graph advances ``cache.pos`` itself; the
+    caller then advances the Python count ``cache.length`` by one per replay."""
+    return model(token[:, None], cache=cache, logits_to_keep=1, static=static).logits[:, -1]
 
 
 def _emit(streamer: Any, tokens: torch.Tensor) -> None:

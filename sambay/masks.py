@@ -91,3 +91,22 @@ def ring_plan(ring_pos: torch.Tensor, full: bool, kvalid: torch.Tensor | None, b
         kv = kv & kvalid[:, ring_pos.clamp(min=0)]
         kv = kv | ~kv.any(-1, keepdim=True)  # a padded decode query sees no key: let it see all (zeroed later)
     return [AttnCall(slice(0, 1), slice(0, R), kv[:, None, None, :])]
+
+
+def static_plans(pos: torch.Tensor, ring_pos: torch.Tensor | None, valid: torch.Tensor,
+                 batch: int) -> tuple[list[AttnCall], list[AttnCall]]:
+    """Plans for the static decode step, whose shapes do not depend on the position: (sliding, kept).
+
+    pos: (1,) the new token's position; ring_pos: (R,) positions the ring slots hold after the write (or
+    None without sliding layers); valid: (B, L) real-token flags of the whole cache. The full and cross
+    layers attend over all L slots, with the slots after ``pos`` masked.
+    """
+    L = valid.shape[1]
+    kpos = torch.arange(L, device=valid.device)
+    full = (kpos <= pos)[None] & valid
+    kept = [AttnCall(slice(0, 1), slice(0, L), full[:, None, None, :])]
+    if ring_pos is None:
+        return [], kept
+    kv = (ring_pos >= 0)[None] & valid[:, ring_pos.clamp(min=0)]
+    kv = kv | ~kv.any(-1, keepdim=True)
+    return [AttnCall(slice(0, 1), slice(0, ring_pos.numel()), kv[:, None, None, :])], kept

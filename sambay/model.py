@@ -23,7 +23,7 @@ from sambay.cache import SambaYCache
 from sambay.config import SambaYConfig
 from sambay.kernels.reference import f32
 from sambay.layers import GMU, MLP, Attention, AttnCall, CrossAttention, DiffAttentionCore, Mamba
-from sambay.masks import prefix_plan, ring_plan, sliding_plan
+from sambay.masks import prefix_plan, ring_plan, sliding_plan, static_plans
 
 
 @dataclass
@@ -45,6 +45,7 @@ class _Context:
     sliding: list[AttnCall]
     kept: list[AttnCall]  # queries at the kept positions over every key so far (full and cross layers)
     pad_kept: torch.Tensor | None = None  # pad for the kept positions
+    pos: torch.Tensor | None = None  # (1,) position of the token, in the static decode step only
     memory: torch.Tensor | None = None  # (B, T, E) from the memory layer
     kv: tuple[torch.Tensor, torch.Tensor] | None = None  # shared K/V from the full-attention layer
 
@@ -105,14 +106,17 @@ class Block(nn.Module):
         q, k, v = self.attn.project(a)
         if role == "full_attention":
             if state is not None:
-                k, v = state.write(k, v, ctx.p0)
+                k, v = state.write(k, v, ctx.p0) if ctx.pos is None else state.write_at(k, v, ctx.pos)
             # Its K/V are needed at every position, its output only where the cross-decoder runs: the
             # first step of the YOCO prefill skip.
             return self.attn(q[:, T - ctx.keep:], k, v, ctx.kept, ctx.pad_kept), (k, v)
         # sliding window
         if state is not None:
             if T == 1:  # decode: write into the ring first, then attend over the ring in place
-                state.write(k, v, ctx.p0)
+                if ctx.pos is None:
+                    state.write(k, v, ctx.p0)
+                else:
+                    state.write_at(k, v, ctx.pos)
                 k, v = state.k, state.v
             else:
                 new_k, new_v = k, v
@@ -133,13 +137,16 @@ class SambaYModel(nn.Module):
         self.gradient_checkpointing = False
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                cache: SambaYCache | None = None, logits_to_keep: int = 0) -> torch.Tensor:
+                cache: SambaYCache | None = None, logits_to_keep: int = 0, static: bool = False) -> torch.Tensor:
         """Args:
             input_ids: (B, T) new tokens (the whole sequence without a cache; a continuation with one).
             attention_mask: (B, T) without a cache, (B, cache.length + T) with one (HF convention: it
                 covers every position so far); 1 = real token, 0 = left padding.
             cache: continue from and update this SambaYCache in place.
             logits_to_keep: run the cross-decoder and final norm on the last k positions only (0 = all).
+            static: one decode token whose position is read from ``cache.pos`` (a device tensor) and whose
+                tensor shapes do not depend on it, so the step can be captured in a CUDA graph or compiled
+                once. Attends over all ``max_length`` slots (masked), so it only pays off on a GPU.
         Returns:
             (B, T_kept, C) final-norm output in the model dtype.
         """
@@ -148,11 +155,15 @@ class SambaYModel(nn.Module):
         p0 = 0 if cache is None else cache.length
         if cache is not None:
             cache.check(B, T, dtype, device)
-        valid = self._valid(attention_mask, cache, B, T, p0, device)
         keep = T if logits_to_keep <= 0 or logits_to_keep >= T else logits_to_keep
-        pad = None if valid is None else valid[:, p0:p0 + T]
-        ctx = _Context(dtype, p0, cache, pad, keep, self._sliding_plan(cache, p0, T, valid, B, device),
-                       prefix_plan(p0, T, keep, valid, B, device), pad_kept=None if pad is None else pad[:, T - keep:])
+        if static:
+            ctx = self._static_context(input_ids, attention_mask, cache, dtype)
+        else:
+            valid = self._valid(attention_mask, cache, B, T, p0, device)
+            pad = None if valid is None else valid[:, p0:p0 + T]
+            ctx = _Context(dtype, p0, cache, pad, keep, self._sliding_plan(cache, p0, T, valid, B, device),
+                           prefix_plan(p0, T, keep, valid, B, device),
+                           pad_kept=None if pad is None else pad[:, T - keep:])
         h = f32(self.embed_tokens(input_ids))  # the residual stream is fp32 from layer 0 on
         for block in self.layers:
             if block.index == self.config.first_cross_layer:  # YOCO prefill skip: only the kept positions
@@ -167,6 +178,10 @@ class SambaYModel(nn.Module):
                 ctx.kv = export
         if cache is not None:
             cache.length = p0 + T
+            if static:
+                cache.pos += 1  # a device op: replays with a captured graph
+            else:
+                cache.pos.fill_(p0 + T)
         return self.final_layernorm(h[:, h.shape[1] - keep:].to(dtype))
 
     def _valid(self, attention_mask, cache, B, T, p0, device) -> torch.Tensor | None:
@@ -182,6 +197,21 @@ class SambaYModel(nn.Module):
         cache.valid[:, p0:p0 + T] = True if new is None else new
         cache.has_padding = cache.has_padding or padded
         return cache.valid[:, :p0 + T] if cache.has_padding else None
+
+    def _static_context(self, input_ids, attention_mask, cache, dtype) -> _Context:
+        B, T = input_ids.shape
+        if cache is None or T != 1 or attention_mask is not None:
+            raise ValueError(f"static=True is the one-token decode step: expected a cache, input_ids of shape "
+                             f"(B, 1) and no attention_mask (the cache keeps the padding), got cache="
+                             f"{'set' if cache is not None else None}, input_ids {tuple(input_ids.shape)}, "
+                             f"attention_mask {'set' if attention_mask is not None else None}")
+        pos = cache.pos
+        cache.valid.index_fill_(1, pos, True)
+        ring = None
+        if "sliding_attention" in self.config.layer_types:
+            ring = cache.layers[self.config.layer_types.index("sliding_attention")].positions(pos)
+        sliding, kept = static_plans(pos, ring, cache.valid, B)
+        return _Context(dtype, cache.length, cache, None, 1, sliding, kept, pos=pos)
 
     def _sliding_plan(self, cache, p0, T, valid, B, device) -> list[AttnCall]:
         W = self.config.sliding_window
@@ -240,18 +270,19 @@ class SambaYForCausalLM(nn.Module):
     # ---- forward --------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 cache: SambaYCache | None = None, labels: torch.Tensor | None = None,
-                logits_to_keep: int = 0) -> CausalLMOutput:
+                logits_to_keep: int = 0, static: bool = False) -> CausalLMOutput:
         """Args:
             input_ids: (B, T); attention_mask: see SambaYModel.forward; cache: SambaYCache or None.
             labels: (B, T) targets aligned with input_ids (shifted inside; -100 and padded positions
                 are ignored). Needs logits for every position (logits_to_keep=0).
             logits_to_keep: return logits for the last k positions only (0 = all).
+            static: the shape-static decode step (see SambaYModel.forward).
         Returns:
             CausalLMOutput with logits (B, T_kept, V) in the model dtype and loss (fp32) if labels.
         """
         if labels is not None and logits_to_keep not in (0, input_ids.shape[1]):
             raise ValueError(f"labels need logits at every position: expected logits_to_keep=0, got {logits_to_keep}")
-        h = self.model(input_ids, attention_mask, cache, logits_to_keep)
+        h = self.model(input_ids, attention_mask, cache, logits_to_keep, static)
         logits = self.lm_head(h)
         loss = None
         if labels is not None:

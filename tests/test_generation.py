@@ -186,3 +186,61 @@ def test_streamer_receives_each_new_token():
     s = Streamer()
     model.generate(ids[:1], max_new_tokens=3, streamer=s)
     assert s.ended and len(s.puts) == 4 and torch.equal(s.puts[0], ids[:1])  # the prompt first, as HF does
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left-padded"])
+def test_static_decode_step_equals_dynamic_decode(padded):
+    """The shape-static step (position from cache.pos, attention over all slots) == the dynamic step."""
+    from sambay.generation import decode_one_token
+
+    model = random_model(seed=11, sliding_window=4)
+    ids = torch.randint(3, model.config.vocab_size, (2, 20))
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[1, :3] = 0
+    P = 5
+    caches = [model.allocate_cache(2, 24) for _ in range(2)]
+    with torch.no_grad():
+        for cache in caches:
+            model(ids[:, :P], attention_mask=mask[:, :P], cache=cache)
+        for t in range(P, 20):
+            dyn = decode_one_token(model, ids[:, t], caches[0])
+            sta = decode_one_token(model, ids[:, t], caches[1], static=True)
+            assert caches[1].pos.item() == caches[1].length == t + 1
+            assert_close(f"static step {t}", sta, dyn, 1e-5)
+    full = _full_logits(model, ids, mask)
+    assert_close("static vs full forward", sta[mask[:, -1].bool()], full[:, -1][mask[:, -1].bool()], FP32)
+
+
+def test_static_step_shapes_do_not_depend_on_the_position():
+    """What graph capture needs: the K/V and masks every attention core receives have the same shapes at every
+    position in the static step (the dynamic step's grow with the position, which the last check confirms)."""
+    from sambay.layers import DiffAttentionCore
+
+    def record(static):
+        model = random_model(seed=12, sliding_window=3)
+        cache = model.allocate_cache(1, 16)
+        steps = []
+
+        def hook(mod, args):
+            q, k, v, plan = args[:4]
+            steps[-1].append((tuple(k.shape), tuple(v.shape), [tuple(c.mask.shape) if c.mask is not None else None
+                                                               for c in plan]))
+
+        with torch.no_grad():
+            model(torch.randint(0, 64, (1, 2)), cache=cache)
+            hooks = [m.register_forward_pre_hook(hook) for m in model.modules() if isinstance(m, DiffAttentionCore)]
+            for _ in range(2, 12):
+                steps.append([])
+                model(torch.randint(0, 64, (1, 1)), cache=cache, static=static)
+        for h in hooks:
+            h.remove()
+        return steps
+
+    static = record(True)
+    assert len(static[0]) > 0 and all(s == static[0] for s in static)
+    dynamic = record(False)
+    assert any(s != dynamic[0] for s in dynamic)
+    model = random_model(seed=12, sliding_window=3)
+    with pytest.raises(ValueError, match="static=True is the one-token decode step"):
+        model(torch.zeros(1, 2, dtype=torch.long), cache=model.allocate_cache(1, 4), static=True)
