@@ -46,6 +46,7 @@ class SambaYDriver:
                     t.normal_(generator=g)
         cache.valid[:, :context] = True
         cache.length = context
+        cache.pos.fill_(context)
         token = torch.randint(0, self.vocab, (batch,), device=self.device, generator=g)
         return DecodeState(cache, token, context)
 
