@@ -1,4 +1,4 @@
-"""SambaYCache: the decode state, allocated once with static shapes.
+"""SambaYCache: the decode state, allocated once with static shapes, and the protocol to update it.
 
 One small state object per layer role (``cache.layers[i]``; ``None`` for GMU and cross-attention
 layers, which own no state):
@@ -12,9 +12,19 @@ layers, which own no state):
 K/V layout (chosen so differential attention reads each byte once with no copy):
     k: (B, 2, Hkv/2, L, D)  -- stripe s = 0/1 holds K heads s, 2+s, 4+s, ... (even/odd heads)
     v: (B, Hkv/2, L, 2D)    -- pair g holds V heads 2g and 2g+1 concatenated (contiguous in Wqkv's output)
+The time dimension of each is ``K_TIME`` / ``V_TIME``; nothing outside this file indexes it by number.
 
-``cache.length`` (a Python int: the tokens seen so far) is advanced by the model only, and
-``cache.valid`` (B, max_length) records which positions are real tokens (False under left padding).
+The protocol. A forward call with a cache does ``cache.begin(...)`` (validates, before any state is written),
+then each attention layer calls ``state.update(k, v, at)``, which writes its new K/V and returns exactly the
+keys and values the layer attends to, whose positions ``state.columns(...)`` describes (the attention masks
+are built from that description, once per call), and finally ``cache.advance(T)``. ``begin``/``advance`` are
+the only writers of ``length``, ``pos`` and ``valid``. A call that raises between the two leaves the cache
+marked invalid: it is refused until ``reset()``, never silently half-advanced.
+
+``cache.length`` is the number of positions seen so far (a Python int mirror of the device tensor
+``cache.pos``). The static decode step (graph-capturable) advances ``pos`` on the device only and marks the
+mirror stale; reading ``length`` afterwards syncs it once. Benchmarks that need a cache of a given length with
+arbitrary (e.g. random) contents use ``cache.seek(length)``.
 """
 
 from __future__ import annotations
@@ -26,6 +36,27 @@ import torch
 from sambay.config import SambaYConfig
 
 _SSM_DTYPE = torch.float32
+K_TIME = 3  # k: (B, 2, Hkv/2, L, D)
+V_TIME = 2  # v: (B, Hkv/2, L, 2D)
+
+
+class CacheError(ValueError):
+    """A cache that cannot serve this call (wrong model, batch, dtype, device, overflow, or left invalid)."""
+
+
+@dataclass(frozen=True)
+class KeyColumns:
+    """Which positions the key columns returned by ``update`` hold: first ``ring`` (positions held by the
+    ring slots, -1 = empty; None when no ring slot is returned), then ``new`` new positions in order
+    starting at ``first``."""
+
+    ring: torch.Tensor | None
+    first: int
+    new: int
+
+    @property
+    def ring_size(self) -> int:
+        return 0 if self.ring is None else self.ring.numel()
 
 
 @dataclass
@@ -41,33 +72,49 @@ class SlidingKV:
 
     @property
     def slots(self) -> int:
-        return self.k.shape[3]
+        return self.k.shape[K_TIME]
 
-    def positions(self, last: int) -> torch.Tensor:
-        """(S,) the position each slot holds once positions 0..last were written (-1 = empty)."""
+    def positions(self, last: int | torch.Tensor) -> torch.Tensor:
+        """(S,) the position each slot holds once positions 0..last were written (-1 = empty). ``last`` may be
+        a (1,) device tensor (the static step)."""
         s = torch.arange(self.slots, device=self.k.device)
         pos = last - torch.remainder(last - s, self.slots)
         return torch.where(pos >= 0, pos, torch.full_like(pos, -1))
 
-    def write(self, k: torch.Tensor, v: torch.Tensor, p0: int) -> None:
-        """Write new K/V for positions p0..p0+T-1 in place (only the last ``slots`` can survive).
-        k: (B, 2, Hkv/2, T, D), v: (B, Hkv/2, T, 2D)."""
-        T, S = k.shape[3], self.slots
-        if T == 1:  # the decode step: one slice assignment, no index tensor
-            slot = p0 % S
-            self.k[:, :, :, slot:slot + 1] = k
-            self.v[:, :, slot:slot + 1] = v
-            return
-        keep = min(T, S)
-        slots = torch.arange(p0 + T - keep, p0 + T, device=self.k.device) % S
-        self.k.index_copy_(3, slots, k[:, :, :, T - keep:])
-        self.v.index_copy_(2, slots, v[:, :, T - keep:])
+    def columns(self, p0: int, T: int) -> KeyColumns:
+        """What ``update(k, v, p0)`` with T new tokens returns: one decode token attends the ring after its
+        write; a first chunk attends its own keys; a later chunk attends [ring slots as they were | new keys]."""
+        if T == 1 and p0 > 0:
+            return KeyColumns(self.positions(p0), p0, 0)
+        if p0 == 0:
+            return KeyColumns(None, 0, T)
+        return KeyColumns(self.positions(p0 - 1), p0, T)
 
-    def write_at(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
-        """The decode write with the position as a (1,) device tensor (static shapes, graph-capturable)."""
-        slot = torch.remainder(pos, self.slots)
-        self.k.index_copy_(3, slot, k)
-        self.v.index_copy_(2, slot, v)
+    def update(self, k: torch.Tensor, v: torch.Tensor, at: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the K/V of the new positions in place and return what attention reads (see ``columns``).
+
+        Args:
+            k: (B, 2, Hkv/2, T, D), v: (B, Hkv/2, T, 2D) of positions at..at+T-1.
+            at: the first new position; a (1,) device tensor in the static decode step (T = 1), whose
+                write is an ``index_copy_`` and whose columns are the ring's slots.
+        """
+        S, T = self.slots, k.shape[K_TIME]
+        if isinstance(at, torch.Tensor):  # the static step: no Python int of the position
+            slot = torch.remainder(at, S)
+            self.k.index_copy_(K_TIME, slot, k)
+            self.v.index_copy_(V_TIME, slot, v)
+            return self.k, self.v
+        if T == 1 and at > 0:  # decode: one slice assignment, then the ring in place
+            slot = at % S
+            self.k.narrow(K_TIME, slot, 1).copy_(k)
+            self.v.narrow(V_TIME, slot, 1).copy_(v)
+            return self.k, self.v
+        out = (k, v) if at == 0 else (torch.cat([self.k, k], dim=K_TIME), torch.cat([self.v, v], dim=V_TIME))
+        keep = min(T, S)  # only the last S new positions can survive in the ring
+        slots = torch.arange(at + T - keep, at + T, device=self.k.device) % S
+        self.k.index_copy_(K_TIME, slots, k.narrow(K_TIME, T - keep, keep))
+        self.v.index_copy_(V_TIME, slots, v.narrow(V_TIME, T - keep, keep))
+        return out
 
 
 @dataclass
@@ -75,18 +122,22 @@ class FullKV:
     k: torch.Tensor  # (B, 2, Hkv/2, max_length, D)
     v: torch.Tensor  # (B, Hkv/2, max_length, 2D)
 
-    def write(self, k: torch.Tensor, v: torch.Tensor, p0: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write positions p0..p0+T-1 in place; return views of every position written so far."""
-        end = p0 + k.shape[3]
-        self.k[:, :, :, p0:end] = k
-        self.v[:, :, p0:end] = v
-        return self.k[:, :, :, :end], self.v[:, :, :end]
+    def columns(self, p0: int, T: int) -> KeyColumns:
+        """``update`` returns every position written so far, in order."""
+        return KeyColumns(None, 0, p0 + T)
 
-    def write_at(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write one position given as a (1,) device tensor; return the whole buffers (static shapes)."""
-        self.k.index_copy_(3, pos, k)
-        self.v.index_copy_(2, pos, v)
-        return self.k, self.v
+    def update(self, k: torch.Tensor, v: torch.Tensor, at: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write positions at..at+T-1 in place; return views of positions 0..at+T-1 (k (B, 2, Hkv/2, at+T, D),
+        v (B, Hkv/2, at+T, 2D)). With ``at`` a (1,) device tensor (the static step), return the whole buffers:
+        the masks hide the slots after ``at``."""
+        if isinstance(at, torch.Tensor):
+            self.k.index_copy_(K_TIME, at, k)
+            self.v.index_copy_(V_TIME, at, v)
+            return self.k, self.v
+        end = at + k.shape[K_TIME]
+        self.k.narrow(K_TIME, at, end - at).copy_(k)
+        self.v.narrow(V_TIME, at, end - at).copy_(v)
+        return self.k.narrow(K_TIME, 0, end), self.v.narrow(V_TIME, 0, end)
 
 
 def _layer_state_shapes(config: SambaYConfig, batch: int, max_length: int) -> list[dict | None]:
@@ -125,33 +176,57 @@ def cache_nbytes(config: SambaYConfig, batch_size: int, max_length: int,
     return total
 
 
+def _check_size(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"SambaYCache: expected {name} to be an int >= 1, got {value!r}")
+
+
 class SambaYCache:
     """Static decode state for one batch of sequences. Build with ``model.allocate_cache(...)``."""
 
     def __init__(self, config: SambaYConfig, batch_size: int, max_length: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
-        if batch_size < 1 or max_length < 1:
-            raise ValueError(f"SambaYCache: expected batch_size >= 1 and max_length >= 1, "
-                             f"got batch_size={batch_size}, max_length={max_length}")
+        _check_size("batch_size", batch_size)
+        _check_size("max_length", max_length)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"SambaYCache: expected a floating torch.dtype, got {dtype!r}")
         self.config = config
         self.batch_size = batch_size
         self.max_length = max_length
         self.dtype = dtype
         self.device = torch.device(device) if device is not None else torch.device("cpu")
-        self.length = 0
+        try:
+            self._allocate()
+        except (RuntimeError, MemoryError) as e:  # e.g. a huge max_length: say what it would have needed
+            need = cache_nbytes(config, batch_size, max_length, dtype)
+            raise MemoryError(f"SambaYCache: cannot allocate {need / 2**30:.2f} GiB ({need} bytes) for batch_size="
+                              f"{batch_size}, max_length={max_length} in {dtype} on {self.device}: {e}") from None
+
+    def _allocate(self) -> None:
+        self._length: int | None = 0
+        self._invalid: str | None = None  # why the cache is refused until reset(), or None
         # The same count as a device tensor, for the static (graph-capturable) decode step.
         self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
-        self.valid = torch.zeros(batch_size, max_length, dtype=torch.bool, device=self.device)
+        self.valid = torch.zeros(self.batch_size, self.max_length, dtype=torch.bool, device=self.device)
         self.has_padding = False
         self.layers: list[MambaState | SlidingKV | FullKV | None] = []
         classes = {"mamba": MambaState, "sliding_attention": SlidingKV, "full_attention": FullKV}
-        for role, shapes in zip(config.layer_types, _layer_state_shapes(config, batch_size, max_length)):
-            if shapes is None:
+        shapes = _layer_state_shapes(self.config, self.batch_size, self.max_length)
+        for role, layer in zip(self.config.layer_types, shapes):
+            if layer is None:
                 self.layers.append(None)
                 continue
-            tensors = {name: torch.zeros(shape, dtype=_SSM_DTYPE if kind == "ssm" else dtype, device=self.device)
-                       for name, (shape, kind) in shapes.items()}
+            tensors = {name: torch.zeros(shape, dtype=_SSM_DTYPE if kind == "ssm" else self.dtype, device=self.device)
+                       for name, (shape, kind) in layer.items()}
             self.layers.append(classes[role](**tensors))
+
+    # ---- what has been seen -----------------------------------------------------------------------
+    @property
+    def length(self) -> int:
+        """Positions seen so far. After static steps (which count on the device) this syncs once."""
+        if self._length is None:
+            self._length = int(self.pos)
+        return self._length
 
     @property
     def nbytes(self) -> int:
@@ -168,28 +243,79 @@ class SambaYCache:
         """The full-attention layer's K/V, read by every cross-attention layer."""
         return self.layers[self.config.kv_layer]
 
+    @property
+    def ring(self) -> SlidingKV | None:
+        """The first sliding layer's ring (every ring has the same slots and positions), or None."""
+        return next((s for s in self.layers if isinstance(s, SlidingKV)), None)
+
+    # ---- the protocol: the only writers of length / pos / valid ------------------------------------
+    def check(self, config: SambaYConfig, batch_size: int, new_tokens: int, dtype: torch.dtype,
+              device: torch.device) -> None:
+        """Raise a CacheError (before anything is written) if this call cannot continue the cache."""
+        if self._invalid is not None:
+            raise CacheError(f"the cache is invalid ({self._invalid}); call cache.reset() before reusing it")
+        if config is not self.config and config != self.config:
+            raise CacheError("cache config mismatch: the cache was allocated for another config (e.g. another "
+                             "sliding_window or layout); allocate one with this model's allocate_cache()")
+        if batch_size != self.batch_size:
+            raise CacheError(f"cache batch size mismatch: the cache holds {self.batch_size} sequences, "
+                             f"the input has {batch_size}")
+        if dtype != self.dtype or torch.device(device).type != self.device.type:
+            raise CacheError(f"cache dtype/device mismatch: the model runs in {dtype} on {device}, the cache "
+                             f"was allocated as {self.dtype} on {self.device}")
+        if new_tokens is not None and self.length + new_tokens > self.max_length:
+            raise CacheError(f"cache overflow: {self.length} tokens cached + {new_tokens} new > max_length="
+                             f"{self.max_length}; allocate a larger cache")
+
+    def begin(self, T: int, new_valid: torch.Tensor | None = None, padded: bool = False) -> torch.Tensor | None:
+        """Start a call of T new tokens at position ``length``: record which are real tokens and mark the cache
+        in flight (invalid until ``advance``). new_valid: (B, T) bool, or None when all are real; padded: whether
+        new_valid has a False. Returns the (B, length+T) real-token flags of every position so far, or None when
+        nothing in the cache was ever padded."""
+        p0 = self.length
+        self._invalid = "a forward call raised before it finished"
+        self.valid[:, p0:p0 + T] = True if new_valid is None else new_valid
+        self.has_padding = self.has_padding or padded
+        return self.valid[:, :p0 + T] if self.has_padding else None
+
+    def begin_static(self) -> torch.Tensor:
+        """``begin`` for the static decode step: the new token's position is ``pos`` (a device tensor)."""
+        self._invalid = "a forward call raised before it finished"
+        self.valid.index_fill_(1, self.pos, True)
+        return self.pos
+
+    def advance(self, T: int) -> None:
+        """Commit a call of T new tokens (the last thing a forward does)."""
+        self._length = self.length + T
+        self.pos.fill_(self._length)
+        self._invalid = None
+
+    def advance_static(self) -> None:
+        """Commit a static decode step on the device: ``pos += 1`` (replays with a captured graph), the Python
+        mirror is re-read from ``pos`` when next asked for."""
+        self.pos += 1
+        self._length = None
+        self._invalid = None
+
+    def seek(self, length: int) -> None:
+        """Treat positions 0..length-1 as real tokens already written, whatever the buffers hold (benchmarks
+        and tests use it with random decode states). Positions from ``length`` on are marked unwritten."""
+        if isinstance(length, bool) or not isinstance(length, int) or not 0 <= length <= self.max_length:
+            raise ValueError(f"cache.seek: expected an int in [0, max_length={self.max_length}], got {length!r}")
+        self.valid[:, :length] = True
+        self.valid[:, length:] = False
+        self.has_padding = False
+        self._length = length
+        self.pos.fill_(length)
+        self._invalid = None
+
     def reset(self) -> None:
         """Forget every sequence (zero all state in place) so the cache can be reused."""
-        self.length = 0
-        self.pos.zero_()
-        self.has_padding = False
-        self.valid.zero_()
+        self.seek(0)
         for layer in self.layers:
             if layer is not None:
                 for t in vars(layer).values():
                     t.zero_()
-
-    def check(self, batch_size: int, new_tokens: int, dtype: torch.dtype, device: torch.device) -> None:
-        """Raise a clear error if a call of ``new_tokens`` tokens cannot continue this cache."""
-        if batch_size != self.batch_size:
-            raise ValueError(f"cache batch size mismatch: the cache holds {self.batch_size} sequences, "
-                             f"the input has {batch_size}")
-        if self.length + new_tokens > self.max_length:
-            raise ValueError(f"cache overflow: {self.length} tokens cached + {new_tokens} new > max_length="
-                             f"{self.max_length}; allocate a larger cache")
-        if dtype != self.dtype or torch.device(device).type != self.device.type:
-            raise ValueError(f"cache dtype/device mismatch: the model runs in {dtype} on {device}, the cache "
-                             f"was allocated as {self.dtype} on {self.device}")
 
     def __repr__(self) -> str:
         return (f"SambaYCache(batch_size={self.batch_size}, max_length={self.max_length}, length={self.length}, "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from sambay.cache import KeyColumns
 from sambay.layers.attention import AttnCall
 
 
@@ -110,3 +111,12 @@ def static_plans(pos: torch.Tensor, ring_pos: torch.Tensor | None, valid: torch.
     kv = (ring_pos >= 0)[None] & valid[:, ring_pos.clamp(min=0)]
     kv = kv | ~kv.any(-1, keepdim=True)
     return [AttnCall(slice(0, 1), slice(0, ring_pos.numel()), kv[:, None, None, :])], kept
+
+
+def window_plan(cols: KeyColumns, window: int, kvalid: torch.Tensor | None, batch: int,
+                device: torch.device) -> list[AttnCall]:
+    """Plan for the sliding layers over the key columns their cache state returns (``SlidingKV.columns``), or
+    over the new keys alone without a cache. kvalid: (B, cols.first + cols.new) real-token flags or None."""
+    if cols.new == 0:  # one decode token over its ring, written first
+        return ring_plan(cols.ring, cols.first >= cols.ring_size - 1, kvalid, batch)
+    return sliding_plan(cols.first, cols.new, window, cols.ring, kvalid, batch, device)

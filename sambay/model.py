@@ -19,11 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from sambay.cache import SambaYCache
+from sambay.cache import KeyColumns, SambaYCache
 from sambay.config import SambaYConfig
 from sambay.kernels.reference import f32
 from sambay.layers import GMU, MLP, Attention, AttnCall, CrossAttention, DiffAttentionCore, Mamba
-from sambay.masks import prefix_plan, ring_plan, sliding_plan, static_plans
+from sambay.masks import prefix_plan, static_plans, window_plan
 
 
 @dataclass
@@ -31,23 +31,77 @@ class CausalLMOutput:
     logits: torch.Tensor  # (B, T_kept, V)
     loss: torch.Tensor | None = None
     cache: SambaYCache | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None  # see SambaYModel.forward(output_hidden_states=True)
 
 
-@dataclass
-class _Context:
-    """What one forward call shares between layers (built once, read by every Block)."""
+@dataclass(frozen=True)
+class Step:
+    """What one forward call shares between layers: built once, read only (wrappers such as FSDP2's
+    fully_shard may hand a block a copy, so nothing may be written into it)."""
 
-    dtype: torch.dtype
-    p0: int  # position of the first new token
+    dtype: torch.dtype  # the model dtype: every sublayer input is cast to it
     cache: SambaYCache | None
-    pad: torch.Tensor | None  # (B, T) bool real-token flags of the new tokens; None = no padding
-    keep: int  # the last ``keep`` positions are the ones whose logits are wanted
-    sliding: list[AttnCall]
-    kept: list[AttnCall]  # queries at the kept positions over every key so far (full and cross layers)
-    pad_kept: torch.Tensor | None = None  # pad for the kept positions
-    pos: torch.Tensor | None = None  # (1,) position of the token, in the static decode step only
-    memory: torch.Tensor | None = None  # (B, T, E) from the memory layer
-    kv: tuple[torch.Tensor, torch.Tensor] | None = None  # shared K/V from the full-attention layer
+    at: int | torch.Tensor  # position of the first new token; the (1,) device tensor cache.pos in the static step
+    fresh: bool  # nothing is cached yet: the Mamba layers start from zero states
+    keep: int  # the last ``keep`` positions are the ones whose logits are wanted (the cross-decoder's rows)
+    pad: torch.Tensor | None  # (B, T) real-token flags of the new tokens; None = no padding
+    pad_kept: torch.Tensor | None  # the same for the kept rows
+    sliding: list[AttnCall]  # the plan of every sliding-window layer
+    kept: list[AttnCall]  # queries at the kept rows over every key so far (the full and cross layers)
+
+    def state(self, index: int):
+        return None if self.cache is None else self.cache.layers[index]
+
+
+# ---- the mixers, one per layer role: (layer, a (B, T, C) normed input, step, its cache state, memory, kv,
+# rows) -> (output (B, rows, C), what the model takes from the layer: the memory, the shared K/V, or None) ----
+def _mamba(layer: Mamba, a, step: Step, state, memory, kv, rows):
+    if state is not None and a.shape[1] == 1:
+        return layer.step(a, state, step.pad)  # (out, memory): memory is None except on the memory layer
+    return layer(a, step.pad, state, fresh=step.fresh)
+
+
+def _sliding_attention(layer: Attention, a, step: Step, state, memory, kv, rows):
+    q, k, v = layer.project(a)
+    if state is not None:
+        k, v = state.update(k, v, step.at)  # the ring's keys as SlidingKV.columns describes them
+    return layer(q, k, v, step.sliding, step.pad), None
+
+
+def _full_attention(layer: Attention, a, step: Step, state, memory, kv, rows):
+    q, k, v = layer.project(a)
+    if state is not None:
+        k, v = state.update(k, v, step.at)  # every position so far
+    # K/V at every position (they are the shared KV cache), the output only at the last ``rows``.
+    return layer(q[:, q.shape[1] - rows:], k, v, step.kept, step.pad_kept), (k, v)
+
+
+def _gmu(layer: GMU, a, step: Step, state, memory, kv, rows):
+    return layer(a, memory), None
+
+
+def _cross_attention(layer: CrossAttention, a, step: Step, state, memory, kv, rows):
+    return layer(a, *kv, step.kept, step.pad_kept), None
+
+
+MIXERS = {"mamba": _mamba, "sliding_attention": _sliding_attention, "full_attention": _full_attention,
+          "gmu": _gmu, "cross_attention": _cross_attention}
+
+
+def _build_mixer(c: SambaYConfig, index: int, kw: dict) -> nn.Module:
+    role = c.layer_types[index]
+    if role == "mamba":
+        return Mamba(c.hidden_size, c.d_inner, c.mamba_d_state, c.mamba_d_conv, c.dt_rank, c.mamba_conv_bias,
+                     c.mamba_proj_bias, memory_producer=index == c.memory_layer, **kw)
+    if role == "gmu":
+        return GMU(c.hidden_size, c.d_inner, **kw)
+    if role == "cross_attention":
+        layer = CrossAttention(c.hidden_size, c.num_attention_heads, c.head_dim, c.lambda_init(index), **kw)
+    else:
+        layer = Attention(c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
+                          c.lambda_init(index), **kw)
+    layer.inner_cross_attn.dropout = c.attention_dropout
+    return layer
 
 
 class Block(nn.Module):
@@ -59,71 +113,25 @@ class Block(nn.Module):
         c, kw = config, {"device": device, "dtype": dtype}
         self.index, self.role = index, c.layer_types[index]
         self.input_layernorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps, **kw)
-        if self.role == "mamba":
-            self.attn = Mamba(c.hidden_size, c.d_inner, c.mamba_d_state, c.mamba_d_conv, c.dt_rank,
-                              c.mamba_conv_bias, c.mamba_proj_bias, memory_producer=index == c.memory_layer, **kw)
-        elif self.role == "gmu":
-            self.attn = GMU(c.hidden_size, c.d_inner, **kw)
-        elif self.role == "cross_attention":
-            self.attn = CrossAttention(c.hidden_size, c.num_attention_heads, c.head_dim, c.lambda_init(index), **kw)
-        else:
-            self.attn = Attention(c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
-                                  c.lambda_init(index), **kw)
-        if isinstance(self.attn, (Attention, CrossAttention)):
-            self.attn.inner_cross_attn.dropout = c.attention_dropout
+        self.attn = _build_mixer(c, index, kw)
         self.post_attention_layernorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps, **kw)
         self.mlp = MLP(c.hidden_size, c.intermediate_size, **kw)
         self.resid_dropout = nn.Dropout(c.resid_pdrop)
-        self.is_memory_layer = index == c.memory_layer
 
-    def forward(self, h: torch.Tensor, ctx: _Context):
-        """h: (B, T, C) fp32 residual stream -> (h (B, T, C) fp32, export). ``export`` is the memory on the
-        memory layer, the shared (k, v) on the KV layer, else None. A block never writes into ``ctx``:
-        wrappers such as FSDP2's fully_shard may hand it a copy (they rebuild dataclass arguments)."""
-        a = self.input_layernorm(h.to(ctx.dtype))
-        out, export = self._mix(a, ctx)
-        h = h[:, h.shape[1] - out.shape[1]:]  # the full-attention layer returns the kept positions only
-        h = h + self._drop(out)
-        return h + self._drop(self.mlp(self.post_attention_layernorm(h.to(ctx.dtype)))), export
+    def forward(self, h: torch.Tensor, step: Step, memory: torch.Tensor | None = None,
+                kv: tuple[torch.Tensor, torch.Tensor] | None = None, rows: int | None = None):
+        """h: (B, T, C) fp32 residual stream -> (h (B, rows, C) fp32, what the mixer exports).
+
+        memory, kv: the cross-decoder's inputs (GMU, cross-attention). rows: compute the output for the last
+        ``rows`` positions only (the YOCO cut at the shared-KV layer, which still reads all T); default T."""
+        rows = h.shape[1] if rows is None else rows
+        a = self.input_layernorm(h.to(step.dtype))
+        out, export = MIXERS[self.role](self.attn, a, step, step.state(self.index), memory, kv, rows)
+        h = h[:, h.shape[1] - rows:] + self._drop(out)
+        return h + self._drop(self.mlp(self.post_attention_layernorm(h.to(step.dtype)))), export
 
     def _drop(self, x: torch.Tensor) -> torch.Tensor:
         return self.resid_dropout(x) if self.training and self.resid_dropout.p > 0 else x
-
-    def _mix(self, a: torch.Tensor, ctx: _Context):
-        """Returns (mixer output, export): see forward."""
-        state = ctx.cache.layers[self.index] if ctx.cache is not None else None
-        role, T = self.role, a.shape[1]
-        if role == "mamba":
-            if state is not None and T == 1:
-                out, memory = self.attn.step(a, state, ctx.pad)
-            else:
-                out, memory = self.attn(a, ctx.pad, state, fresh=ctx.p0 == 0)
-            return out, memory if self.is_memory_layer else None
-        if role == "gmu":
-            return self.attn(a, ctx.memory), None
-        if role == "cross_attention":
-            return self.attn(a, *ctx.kv, ctx.kept, ctx.pad_kept), None
-        q, k, v = self.attn.project(a)
-        if role == "full_attention":
-            if state is not None:
-                k, v = state.write(k, v, ctx.p0) if ctx.pos is None else state.write_at(k, v, ctx.pos)
-            # Its K/V are needed at every position, its output only where the cross-decoder runs: the
-            # first step of the YOCO prefill skip.
-            return self.attn(q[:, T - ctx.keep:], k, v, ctx.kept, ctx.pad_kept), (k, v)
-        # sliding window
-        if state is not None:
-            if T == 1:  # decode: write into the ring first, then attend over the ring in place
-                if ctx.pos is None:
-                    state.write(k, v, ctx.p0)
-                else:
-                    state.write_at(k, v, ctx.pos)
-                k, v = state.k, state.v
-            else:
-                new_k, new_v = k, v
-                if ctx.p0 > 0:  # earlier chunks: the ring's keys come first (sliding_plan's layout)
-                    k, v = torch.cat([state.k, k], dim=3), torch.cat([state.v, v], dim=2)
-                state.write(new_k, new_v, ctx.p0)
-        return self.attn(q, k, v, ctx.sliding, ctx.pad), None
 
 
 class SambaYModel(nn.Module):
@@ -136,92 +144,176 @@ class SambaYModel(nn.Module):
         self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps, **kw)
         self.gradient_checkpointing = False
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                cache: SambaYCache | None = None, logits_to_keep: int = 0, static: bool = False) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                cache: SambaYCache | None = None, logits_to_keep: int = 0, static: bool = False,
+                inputs_embeds: torch.Tensor | None = None, output_hidden_states: bool = False):
         """Args:
             input_ids: (B, T) new tokens (the whole sequence without a cache; a continuation with one).
             attention_mask: (B, T) without a cache, (B, cache.length + T) with one (HF convention: it
-                covers every position so far); 1 = real token, 0 = left padding.
+                covers every position so far); 1 = real token, 0 = padding. With a cache (generation) the
+                padding must be on the left; without one, left or right (each row one run of real tokens).
             cache: continue from and update this SambaYCache in place.
             logits_to_keep: run the cross-decoder and final norm on the last k positions only (0 = all).
             static: one decode token whose position is read from ``cache.pos`` (a device tensor) and whose
                 tensor shapes do not depend on it, so the step can be captured in a CUDA graph or compiled
                 once. Attends over all ``max_length`` slots (masked), so it only pays off on a GPU.
+            inputs_embeds: (B, T, C) instead of input_ids (soft prompts): what embed_tokens would return.
+            output_hidden_states: also return the N+1 hidden states (HF convention): the embeddings, then the
+                fp32 residual stream after each layer, the last replaced by the final-norm output. Entries
+                from the shared-KV layer on have the kept rows only.
         Returns:
-            (B, T_kept, C) final-norm output in the model dtype.
+            (B, T_kept, C) final-norm output in the model dtype; with output_hidden_states, (that, hidden_states).
         """
-        B, T = input_ids.shape
-        dtype, device = self.embed_tokens.weight.dtype, input_ids.device
-        p0 = 0 if cache is None else cache.length
-        if cache is not None:
-            cache.check(B, T, dtype, device)
-        keep = T if logits_to_keep <= 0 or logits_to_keep >= T else logits_to_keep
-        if static:
-            ctx = self._static_context(input_ids, attention_mask, cache, dtype)
+        c = self.config
+        h, B, T = self._embed(input_ids, inputs_embeds)
+        keep = _check_keep(logits_to_keep, T)
+        step = self._static_step(B, T, attention_mask, cache) if static else \
+            self._step(B, T, attention_mask, cache, keep, h.device)
+        hidden = [h] if output_hidden_states else None
+        M = c.memory_layer
+        # Self-decoder: Mamba / sliding-window attention, each layer with its own state.
+        for i in range(M):
+            h = self._layer(self.layers[i], h, step, hidden)[0]
+        h, memory = self._layer(self.layers[M], h, step, hidden)  # the memory: its ungated scan output
+        # The shared-KV layer writes K/V for every position; from its output on, only the kept rows exist.
+        # This is the YOCO prefill skip: the cross-decoder keeps no state, so it runs on those rows only.
+        h, kv = self._layer(self.layers[c.kv_layer], h, step, hidden, rows=keep)
+        memory = memory[:, T - keep:]
+        # Cross-decoder: stateless GMUs (gated by the memory) and cross-attentions (reading the shared K/V).
+        for i in range(c.first_cross_layer, c.num_hidden_layers):
+            h = self._layer(self.layers[i], h, step, hidden, memory, kv)[0]
+        if cache is not None and static:
+            cache.advance_static()
+        elif cache is not None:
+            cache.advance(T)
+        out = self.final_layernorm(h.to(step.dtype))
+        if hidden is None:
+            return out
+        hidden[-1] = out
+        return out, tuple(hidden)
+
+    def _layer(self, block: Block, h, step: Step, hidden: list | None, memory=None, kv=None, rows=None):
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            h, export = checkpoint(block, h, step, memory, kv, rows, use_reentrant=False)
         else:
-            valid = self._valid(attention_mask, cache, B, T, p0, device)
-            pad = None if valid is None else valid[:, p0:p0 + T]
-            ctx = _Context(dtype, p0, cache, pad, keep, self._sliding_plan(cache, p0, T, valid, B, device),
-                           prefix_plan(p0, T, keep, valid, B, device),
-                           pad_kept=None if pad is None else pad[:, T - keep:])
-        h = f32(self.embed_tokens(input_ids))  # the residual stream is fp32 from layer 0 on
-        for block in self.layers:
-            if block.index == self.config.first_cross_layer:  # YOCO prefill skip: only the kept positions
-                ctx.memory = ctx.memory[:, T - keep:]
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                h, export = checkpoint(block, h, ctx, use_reentrant=False)
-            else:
-                h, export = block(h, ctx)
-            if block.index == self.config.memory_layer:  # the model, not the block, fills ctx (see Block)
-                ctx.memory = export
-            elif block.index == self.config.kv_layer:
-                ctx.kv = export
+            h, export = block(h, step, memory, kv, rows)
+        if hidden is not None:
+            hidden.append(h)
+        return h, export
+
+    # ---- the per-call step: validation, padding, attention plans ------------------------------------
+    def _embed(self, input_ids, inputs_embeds) -> tuple[torch.Tensor, int, int]:
+        """The fp32 residual stream (B, T, C) from layer 0 on, B, T."""
+        weight = self.embed_tokens.weight
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("expected exactly one of input_ids and inputs_embeds, got "
+                             f"{'both' if input_ids is not None else 'neither'}")
+        if inputs_embeds is not None:
+            x = inputs_embeds
+            if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != weight.shape[1] \
+                    or not x.is_floating_point() or x.shape[1] == 0:
+                raise ValueError(f"inputs_embeds: expected a float tensor (B, T >= 1, {weight.shape[1]}), got "
+                                 f"{_describe(x)}")
+            _check_device("inputs_embeds", x, weight)
+            return f32(x.to(weight.dtype)), x.shape[0], x.shape[1]
+        ids = input_ids
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype.is_floating_point \
+                or ids.dtype.is_complex or ids.dtype == torch.bool or ids.shape[1] == 0:
+            raise ValueError(f"input_ids: expected an integer tensor of shape (batch, tokens >= 1), got "
+                             f"{_describe(ids)}")
+        _check_device("input_ids", ids, weight)
+        # The range check costs a host sync: done where that is free (CPU) or once per call of many tokens;
+        # a single out-of-range token on CUDA still fails loudly (a device-side assert), never silently.
+        if (not ids.is_cuda or ids.shape[1] > 1) and not torch.compiler.is_compiling():
+            lo, hi = (int(t) for t in torch.aminmax(ids))
+            if lo < 0 or hi >= weight.shape[0]:
+                raise ValueError(f"input_ids: expected token ids in [0, vocab_size={weight.shape[0]}), got ids in "
+                                 f"[{lo}, {hi}]")
+        return f32(self.embed_tokens(ids)), ids.shape[0], ids.shape[1]
+
+    def _step(self, B: int, T: int, attention_mask, cache: SambaYCache | None, keep: int, device) -> Step:
+        dtype = self.embed_tokens.weight.dtype
+        p0 = 0
         if cache is not None:
-            cache.length = p0 + T
-            if static:
-                cache.pos += 1  # a device op: replays with a captured graph
-            else:
-                cache.pos.fill_(p0 + T)
-        return self.final_layernorm(h[:, h.shape[1] - keep:].to(dtype))
-
-    def _valid(self, attention_mask, cache, B, T, p0, device) -> torch.Tensor | None:
-        """(B, p0+T) bool real-token flags by position, or None when nothing is padded."""
-        expected = (B, p0 + T)
-        if attention_mask is not None and tuple(attention_mask.shape) != expected:
-            where = f"cache.length ({p0}) + new tokens ({T})" if cache is not None else "input_ids"
-            raise ValueError(f"attention_mask: expected shape {expected} ({where}), got {tuple(attention_mask.shape)}")
-        new = None if attention_mask is None else attention_mask[:, p0:].to(device=device, dtype=torch.bool)
-        padded = new is not None and not bool(new.all())  # one host sync, only when a mask is given
+            cache.check(self.config, B, T, dtype, device)
+            p0 = cache.length
+        new, padded = _check_mask(attention_mask, B, p0, T, cache is not None, device)
         if cache is None:
-            return new if padded else None
-        cache.valid[:, p0:p0 + T] = True if new is None else new
-        cache.has_padding = cache.has_padding or padded
-        return cache.valid[:, :p0 + T] if cache.has_padding else None
+            valid = new if padded else None
+        else:
+            valid = cache.begin(T, new, padded)  # (B, p0+T) or None; from here on the cache is in flight
+        pad = None if valid is None else valid[:, p0:p0 + T]
+        ring = None if cache is None else cache.ring
+        cols = KeyColumns(None, 0, T) if ring is None else ring.columns(p0, T)
+        sliding = window_plan(cols, self.config.sliding_window, valid, B, device) \
+            if "sliding_attention" in self.config.layer_types else []
+        return Step(dtype, cache, p0, p0 == 0, keep, pad, None if pad is None else pad[:, T - keep:], sliding,
+                    prefix_plan(p0, T, keep, valid, B, device))
 
-    def _static_context(self, input_ids, attention_mask, cache, dtype) -> _Context:
-        B, T = input_ids.shape
+    def _static_step(self, B: int, T: int, attention_mask, cache: SambaYCache | None) -> Step:
         if cache is None or T != 1 or attention_mask is not None:
             raise ValueError(f"static=True is the one-token decode step: expected a cache, input_ids of shape "
                              f"(B, 1) and no attention_mask (the cache keeps the padding), got cache="
-                             f"{'set' if cache is not None else None}, input_ids {tuple(input_ids.shape)}, "
+                             f"{'set' if cache is not None else None}, {T} tokens, "
                              f"attention_mask {'set' if attention_mask is not None else None}")
-        pos = cache.pos
-        cache.valid.index_fill_(1, pos, True)
-        ring = None
-        if "sliding_attention" in self.config.layer_types:
-            ring = cache.layers[self.config.layer_types.index("sliding_attention")].positions(pos)
-        sliding, kept = static_plans(pos, ring, cache.valid, B)
-        return _Context(dtype, cache.length, cache, None, 1, sliding, kept, pos=pos)
+        dtype = self.embed_tokens.weight.dtype
+        cache.check(self.config, B, None, dtype, self.embed_tokens.weight.device)  # overflow: see cache.seek
+        pos = cache.begin_static()
+        ring = cache.ring
+        sliding, kept = static_plans(pos, None if ring is None else ring.positions(pos), cache.valid, B)
+        return Step(dtype, cache, pos, False, 1, None, None, sliding, kept)
 
-    def _sliding_plan(self, cache, p0, T, valid, B, device) -> list[AttnCall]:
-        W = self.config.sliding_window
-        ring = None
-        if cache is not None:
-            ring = cache.layers[self.config.layer_types.index("sliding_attention")]
-        if ring is not None and T == 1:
-            return ring_plan(ring.positions(p0), p0 >= ring.slots - 1, valid, B)
-        ring_pos = ring.positions(p0 - 1) if ring is not None and p0 > 0 else None
-        return sliding_plan(p0, T, W, ring_pos, valid, B, device)
+
+def _describe(x) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"a {x.dtype} tensor of shape {tuple(x.shape)}"
+    return f"{type(x).__name__}"
+
+
+def _check_device(name: str, x: torch.Tensor, weight: torch.Tensor) -> None:
+    if x.device != weight.device and weight.device.type != "meta":
+        raise ValueError(f"{name}: expected a tensor on the model's device {weight.device}, got one on {x.device}")
+
+
+def _check_keep(logits_to_keep, T: int) -> int:
+    if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) or logits_to_keep < 0:
+        raise ValueError(f"logits_to_keep: expected an int >= 0 (0 = every position), got {logits_to_keep!r}")
+    return T if logits_to_keep == 0 or logits_to_keep >= T else logits_to_keep
+
+
+def _check_mask(attention_mask, B: int, p0: int, T: int, cached: bool, device):
+    """Validate a mask of shape (B, p0+T) and return (the new tokens' (B, T) bool flags or None, padded).
+
+    One host sync for all checks. Padding must be one contiguous run per row: on the left with a cache (the
+    continuation would otherwise follow pad tokens), left or right without one (both exact for the real
+    tokens, since pads on the right come after every real token)."""
+    if attention_mask is None:
+        return None, False
+    m = attention_mask
+    expected = (B, p0 + T)
+    if not isinstance(m, torch.Tensor) or tuple(m.shape) != expected:
+        where = f"cache.length ({p0}) + new tokens ({T})" if cached else "input_ids"
+        got = tuple(m.shape) if isinstance(m, torch.Tensor) else type(m).__name__
+        raise ValueError(f"attention_mask: expected shape {expected} ({where}), got {got}")
+    m = m.to(device)
+    flags = m != 0
+    values_bad = (flags & (m != 1)).any()  # only 0 and 1 (or False/True)
+    f = flags.to(torch.int8)
+    starts = (f[:, 1:] > f[:, :-1]).sum(1) + f[:, 0]  # runs of real tokens per row
+    ends = (f[:, 1:] < f[:, :-1]).sum(1)  # a real token followed by a pad
+    layout_bad = (ends > 0).any() if cached else (starts > 1).any()
+    padded = ~flags[:, p0:].all()
+    values_bad, layout_bad, padded = torch.stack([values_bad, layout_bad, padded]).tolist()
+    if values_bad:
+        raise ValueError("attention_mask: expected only 0 (padding) and 1 (real token)")
+    if layout_bad:
+        if cached:
+            raise ValueError("attention_mask: with a cache (generation) padding must be on the left: each row "
+                             "0...0 1...1, so that new tokens follow the real tokens. Pad prompts on the left "
+                             "(tokenizer.padding_side = 'left'); got a row with a padding after a real token")
+        raise ValueError("attention_mask: expected each row to be one run of real tokens (left or right padding); "
+                         "got a row with padding between real tokens")
+    return flags[:, p0:], bool(padded)
 
 
 class SambaYForCausalLM(nn.Module):

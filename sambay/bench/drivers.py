@@ -44,9 +44,7 @@ class SambaYDriver:
             if layer is not None:
                 for t in vars(layer).values():
                     t.normal_(generator=g)
-        cache.valid[:, :context] = True
-        cache.length = context
-        cache.pos.fill_(context)
+        cache.seek(context)
         token = torch.randint(0, self.vocab, (batch,), device=self.device, generator=g)
         return DecodeState(cache, token, context)
 
