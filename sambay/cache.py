@@ -185,7 +185,16 @@ class SambaYCache:
     """Static decode state for one batch of sequences. Build with ``model.allocate_cache(...)``."""
 
     def __init__(self, config: SambaYConfig, batch_size: int, max_length: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+                 tensors: list[torch.Tensor] | None = None):
+        """``tensors``: wrap existing state tensors (in the order of ``tensors()``) instead of allocating; the
+        exported decode step rebuilds its cache from its inputs this way. The result counts as a cache after
+        static steps (its Python length is read from ``pos`` when asked)."""
+        if tensors is not None:
+            self.config, self.batch_size, self.max_length, self.dtype = config, batch_size, max_length, dtype
+            self.device = tensors[0].device
+            self._wrap(list(tensors))
+            return
         _check_size("batch_size", batch_size)
         _check_size("max_length", max_length)
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
@@ -219,6 +228,22 @@ class SambaYCache:
             tensors = {name: torch.zeros(shape, dtype=_SSM_DTYPE if kind == "ssm" else self.dtype, device=self.device)
                        for name, (shape, kind) in layer.items()}
             self.layers.append(classes[role](**tensors))
+
+    def _wrap(self, tensors: list[torch.Tensor]) -> None:
+        self._length, self._invalid, self.has_padding = None, None, True
+        self.pos, self.valid = tensors[0], tensors[1]
+        classes = {"mamba": MambaState, "sliding_attention": SlidingKV, "full_attention": FullKV}
+        self.layers, i = [], 2
+        for role, layer in zip(self.config.layer_types, _layer_state_shapes(self.config, 1, 1)):
+            if layer is None:
+                self.layers.append(None)
+                continue
+            self.layers.append(classes[role](*tensors[i:i + len(layer)]))
+            i += len(layer)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every state tensor: pos, valid, then each layer's (conv, ssm) or (k, v) in layer order."""
+        return [self.pos, self.valid] + [t for s in self.layers if s is not None for t in vars(s).values()]
 
     # ---- what has been seen -----------------------------------------------------------------------
     @property
@@ -296,6 +321,11 @@ class SambaYCache:
         self.pos += 1
         self._length = None
         self._invalid = None
+
+    def resync(self) -> None:
+        """Re-read ``length`` from ``pos`` after the tensors were advanced outside a forward call (an exported
+        decode program; a replayed CUDA graph needs nothing, its capture already marked the mirror stale)."""
+        self._length = None
 
     def seek(self, length: int) -> None:
         """Treat positions 0..length-1 as real tokens already written, whatever the buffers hold (benchmarks

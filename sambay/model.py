@@ -34,6 +34,23 @@ class CausalLMOutput:
     hidden_states: tuple[torch.Tensor, ...] | None = None  # see SambaYModel.forward(output_hidden_states=True)
 
 
+# A pytree node, so torch.export and tree utilities see its tensors; the cache (an object the call updated in
+# place, not an output tensor) travels as the node's context.
+torch.utils._pytree.register_pytree_node(
+    CausalLMOutput,
+    lambda o: ((o.logits, o.loss, o.hidden_states), o.cache),
+    lambda children, cache: CausalLMOutput(*children[:2], cache=cache, hidden_states=children[2]),
+    serialized_type_name="sambay.model.CausalLMOutput",
+    to_dumpable_context=lambda cache: "null" if cache is None else _undumpable(cache),
+    from_dumpable_context=lambda s: None,
+)
+
+
+def _undumpable(cache):
+    raise TypeError("a CausalLMOutput holding a SambaYCache cannot be serialized; export the decode step with "
+                    "sambay.compiled.export_decode_step, whose cache tensors are inputs")
+
+
 @dataclass(frozen=True)
 class Step:
     """What one forward call shares between layers: built once, read only (wrappers such as FSDP2's
