@@ -1,7 +1,7 @@
 """Attention plans: which keys each query row sees, built once per forward and shared by all layers
 of a kind (all sliding layers share one plan, the full-attention layer one, the cross layers one).
 
-Visibility rule (ARCHITECTURE.md 4.8): key position j is visible to query position i iff the key is a
+Visibility rule (docs/ARCHITECTURE.md 4.8): key position j is visible to query position i iff the key is a
 real token, j <= i, and for sliding layers j > i - W (W keys including the current one). A plan is a
 list of SDPA calls; masks are skipped whenever the rule reduces to "all keys" or plain causal.
 """
