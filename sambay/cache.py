@@ -12,7 +12,7 @@ layers, which own no state):
 K/V layout (chosen so differential attention reads each byte once with no copy):
     k: (B, 2, Hkv/2, L, D)  -- stripe s = 0/1 holds K heads s, 2+s, 4+s, ... (even/odd heads)
     v: (B, Hkv/2, L, 2D)    -- pair g holds V heads 2g and 2g+1 concatenated (contiguous in Wqkv's output)
-The time dimension of each is ``K_TIME`` / ``V_TIME``; nothing outside this file indexes it by number.
+Both have time as their second-to-last dimension (``TIME``); attention slices keys with ``[..., cols, :]``.
 
 The protocol. A forward call with a cache does ``cache.begin(...)`` (validates, before any state is written),
 then each attention layer calls ``state.update(k, v, at)``, which writes its new K/V and returns exactly the
@@ -36,8 +36,7 @@ import torch
 from sambay.config import SambaYConfig
 
 _SSM_DTYPE = torch.float32
-K_TIME = 3  # k: (B, 2, Hkv/2, L, D)
-V_TIME = 2  # v: (B, Hkv/2, L, 2D)
+TIME = -2  # the time dimension of both k (B, 2, Hkv/2, L, D) and v (B, Hkv/2, L, 2D)
 
 
 class CacheError(ValueError):
@@ -72,7 +71,7 @@ class SlidingKV:
 
     @property
     def slots(self) -> int:
-        return self.k.shape[K_TIME]
+        return self.k.shape[TIME]
 
     def positions(self, last: int | torch.Tensor) -> torch.Tensor:
         """(S,) the position each slot holds once positions 0..last were written (-1 = empty). ``last`` may be
@@ -98,22 +97,22 @@ class SlidingKV:
             at: the first new position; a (1,) device tensor in the static decode step (T = 1), whose
                 write is an ``index_copy_`` and whose columns are the ring's slots.
         """
-        S, T = self.slots, k.shape[K_TIME]
+        S, T = self.slots, k.shape[TIME]
         if isinstance(at, torch.Tensor):  # the static step: no Python int of the position
             slot = torch.remainder(at, S)
-            self.k.index_copy_(K_TIME, slot, k)
-            self.v.index_copy_(V_TIME, slot, v)
+            self.k.index_copy_(TIME, slot, k)
+            self.v.index_copy_(TIME, slot, v)
             return self.k, self.v
         if T == 1 and at > 0:  # decode: one slice assignment, then the ring in place
             slot = at % S
-            self.k.narrow(K_TIME, slot, 1).copy_(k)
-            self.v.narrow(V_TIME, slot, 1).copy_(v)
+            self.k.narrow(TIME, slot, 1).copy_(k)
+            self.v.narrow(TIME, slot, 1).copy_(v)
             return self.k, self.v
-        out = (k, v) if at == 0 else (torch.cat([self.k, k], dim=K_TIME), torch.cat([self.v, v], dim=V_TIME))
+        out = (k, v) if at == 0 else (torch.cat([self.k, k], dim=TIME), torch.cat([self.v, v], dim=TIME))
         keep = min(T, S)  # only the last S new positions can survive in the ring
         slots = torch.arange(at + T - keep, at + T, device=self.k.device) % S
-        self.k.index_copy_(K_TIME, slots, k.narrow(K_TIME, T - keep, keep))
-        self.v.index_copy_(V_TIME, slots, v.narrow(V_TIME, T - keep, keep))
+        self.k.index_copy_(TIME, slots, k.narrow(TIME, T - keep, keep))
+        self.v.index_copy_(TIME, slots, v.narrow(TIME, T - keep, keep))
         return out
 
 
@@ -131,13 +130,13 @@ class FullKV:
         v (B, Hkv/2, at+T, 2D)). With ``at`` a (1,) device tensor (the static step), return the whole buffers:
         the masks hide the slots after ``at``."""
         if isinstance(at, torch.Tensor):
-            self.k.index_copy_(K_TIME, at, k)
-            self.v.index_copy_(V_TIME, at, v)
+            self.k.index_copy_(TIME, at, k)
+            self.v.index_copy_(TIME, at, v)
             return self.k, self.v
-        end = at + k.shape[K_TIME]
-        self.k.narrow(K_TIME, at, end - at).copy_(k)
-        self.v.narrow(V_TIME, at, end - at).copy_(v)
-        return self.k.narrow(K_TIME, 0, end), self.v.narrow(V_TIME, 0, end)
+        end = at + k.shape[TIME]
+        self.k.narrow(TIME, at, end - at).copy_(k)
+        self.v.narrow(TIME, at, end - at).copy_(v)
+        return self.k.narrow(TIME, 0, end), self.v.narrow(TIME, 0, end)
 
 
 def _layer_state_shapes(config: SambaYConfig, batch: int, max_length: int) -> list[dict | None]:
