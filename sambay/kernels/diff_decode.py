@@ -47,25 +47,34 @@ def diff_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.
         scale: softmax scale.
         backend: "auto" (Triton for CUDA tensors when Triton imports, else the twin), "torch" (the twin),
             "triton" (the kernel; on CPU tensors only under TRITON_INTERPRET=1, else RuntimeError).
+            The kernel has no backward: a call that needs gradients takes the twin under "auto" and
+            raises under "triton".
     Returns:
         (B, Hq/2, 2D) in q.dtype.
     """
     if backend not in _BACKENDS:
         raise ValueError(f"diff_decode: backend must be one of {_BACKENDS}, got {backend!r}")
     check_diff_decode_args(q, k, v, valid, lam)
-    if _use_triton(backend, q):
+    if _use_triton(backend, q, _needs_grad(q, k, v, lam)):
         from sambay.kernels.diff_decode_triton import diff_decode_triton
 
         return diff_decode_triton(q, k, v, valid, lam, scale)
     return diff_decode_ref(q, k, v, valid, lam, scale)
 
 
-def _use_triton(backend: str, q: torch.Tensor) -> bool:
+def _needs_grad(*args) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+
+
+def _use_triton(backend: str, q: torch.Tensor, needs_grad: bool) -> bool:
     """Whether this call runs the kernel (all tensors share q's device: checked before)."""
     if backend == "torch":
         return False
     if backend == "auto":
-        return q.is_cuda and has_triton()
+        return q.is_cuda and has_triton() and not needs_grad
+    if needs_grad:
+        raise RuntimeError("diff_decode: backend='triton' has no backward, but an input requires grad; "
+                           "call it under torch.no_grad() (decode) or use backend='torch'/'auto'")
     if not has_triton():
         raise RuntimeError("diff_decode: backend='triton' was requested but triton is not importable; "
                            "install the 'triton' extra or use backend='torch'")

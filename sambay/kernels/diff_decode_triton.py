@@ -39,18 +39,18 @@ _STAGES = 3
 
 # ------------------------------------------------------------------------------------------------ kernels
 @triton.jit
-def _online_step(s, m, l, acc, v_tile):
+def _online_step(s, m, lsum, acc, v_tile):
     """One flash step of a map: s (BLOCK_R, BLOCK_N) log2-unit scores, -inf at invisible slots.
-    Returns the updated running max m, sum l (BLOCK_R,) and accumulator acc (BLOCK_R, BLOCK_V)."""
+    Returns the updated running max m, sum lsum (BLOCK_R,) and accumulator acc (BLOCK_R, BLOCK_V)."""
     m_new = tl.maximum(m, tl.max(s, axis=1))
     # Reference point for the exponentials: a row that has seen no visible slot yet has m_new = -inf;
     # use 0 there so exp2(-inf - 0) = 0 instead of exp2(-inf + inf) = NaN.
     ref = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m - ref)
     p = tl.exp2(s - ref[:, None])
-    l = l * alpha + tl.sum(p, axis=1)
+    lsum = lsum * alpha + tl.sum(p, axis=1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v_tile.dtype), v_tile, input_precision="ieee")
-    return m_new, l, acc
+    return m_new, lsum, acc
 
 
 @triton.jit
@@ -194,18 +194,18 @@ def diff_decode_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid:
         num_splits = max(1, -(-S // split_len))    # every split non-empty, as choose_splits guarantees
     f32 = dict(device=q.device, dtype=torch.float32)
     m = torch.empty(B, Hd, 2, num_splits, **f32)
-    l = torch.empty(B, Hd, 2, num_splits, **f32)
+    lsum = torch.empty(B, Hd, 2, num_splits, **f32)
     acc = torch.empty(B, Hd, 2, num_splits, 2 * D, **f32)
     out = torch.empty(B, Hd, 2 * D, device=q.device, dtype=q.dtype)
     valid_u8 = valid.view(torch.uint8)              # same bytes, no copy; Triton loads bytes, not i1
     _split_kernel[(B * G, num_splits)](
-        q, k, v, valid_u8, m, l, acc,
+        q, k, v, valid_u8, m, lsum, acc,
         S, G, R, split_len, num_splits, scale * _LOG2E,
         *q.stride(), *k.stride(), *v.stride(), *valid_u8.stride(),
         D=D, BLOCK_R=max(16, 1 << (R - 1).bit_length()), **tiles, num_warps=4, num_stages=_STAGES)
     lam_tensor = isinstance(lam, torch.Tensor)
     _reduce_kernel[(B * Hd,)](
-        m, l, acc, lam if lam_tensor else out, out, 0.0 if lam_tensor else float(lam), num_splits, 2 * D,
+        m, lsum, acc, lam if lam_tensor else out, out, 0.0 if lam_tensor else float(lam), num_splits, 2 * D,
         BLOCK_S=min(32, max(2, 1 << (num_splits - 1).bit_length())), BLOCK_V=tiles["BLOCK_V"],
         LAM_FROM_PTR=lam_tensor, num_warps=4)
     return out

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import types
 
 import pytest
 import torch
@@ -267,6 +268,24 @@ def test_backend_triton_on_cpu_without_interpreter_raises(monkeypatch):
     q, k, v, valid = _inputs(1, 4, 2, 5, 8)
     with pytest.raises(RuntimeError, match="needs CUDA tensors"):
         diff_decode(q, k, v, valid, 0.4, 0.3, backend="triton")
+
+
+def test_gradients_take_the_twin(monkeypatch):
+    """The kernel has no backward: "triton" refuses a call that needs gradients, "auto" would send a CUDA
+    call that needs them to the twin (checked on the selection with a stand-in CUDA tensor), and the
+    twin's gradients flow."""
+    monkeypatch.setattr(dd, "triton_interpreter", lambda: True)
+    monkeypatch.setattr(dd, "has_triton", lambda: True)
+    q, k, v, valid = _inputs(1, 4, 2, 5, 8)
+    q.requires_grad_()
+    with pytest.raises(RuntimeError, match="no backward"):
+        diff_decode(q, k, v, valid, 0.4, 0.3, backend="triton")
+    cuda_like = types.SimpleNamespace(is_cuda=True, device="cuda:0")
+    assert dd._use_triton("auto", cuda_like, needs_grad=False) and not dd._use_triton("auto", cuda_like, True)
+    diff_decode(q, k, v, valid, 0.4, 0.3).sum().backward()
+    assert q.grad is not None and q.grad.abs().sum() > 0
+    with torch.no_grad():
+        assert not dd._needs_grad(q, k, v, 0.4)
 
 
 @pytest.mark.parametrize("bad,match", [
