@@ -1,0 +1,154 @@
+"""Differential-attention decode (one query token per sequence) over the cache-layout K/V: public op.
+
+``diff_decode(q, k, v, valid, lam, scale, backend)`` computes, for each differential head j,
+
+    softmax(q_2j k_0g^T * scale) V_g - lam * softmax(q_2j+1 k_1g^T * scale) V_g,     g = j // R
+
+exactly as :func:`sambay.kernels.diff_decode_ref.diff_decode_ref` (the twin, same signature less
+``backend``) defines it, shapes and the fully-masked-row convention included. ``backend="auto"`` sends
+CUDA tensors to the Triton flash-decoding kernel (:mod:`sambay.kernels.diff_decode_triton`) when Triton
+imports and everything else to the twin; the choice is made per call from the tensors' device.
+
+This module imports no Triton itself (the kernel module is imported on first use), so importing it is
+safe on a machine without Triton and before ``TRITON_INTERPRET`` is set.
+
+:func:`diff_decode_bytes` counts the bytes the kernel moves per call beside the ideal (K and V read once).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import torch
+
+from sambay.kernels import has_triton, triton_interpreter
+from sambay.kernels.diff_decode_ref import check_diff_decode_args, diff_decode_ref
+
+__all__ = ["DiffDecodeBytes", "choose_splits", "diff_decode", "diff_decode_bytes", "diff_decode_ref",
+           "diff_decode_tiles"]
+
+_BACKENDS = ("auto", "torch", "triton")
+
+# SMs assumed when no CUDA device is there to ask (the interpreter, or counting bytes on a CPU machine):
+# an H100/H200 SXM has 132.
+_DEFAULT_SMS = 132
+_MIN_SPLIT_BLOCKS = 4
+
+
+def diff_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor,
+                lam: torch.Tensor | float, scale: float, backend: str = "auto") -> torch.Tensor:
+    """Differential attention for one query token per sequence. See :func:`diff_decode_ref`.
+
+    Args:
+        q: (B, Hq, D); k: (B, 2, G, S, D); v: (B, G, S, 2D), one float dtype, any strides.
+        valid: (B, S) bool, True = visible slot; a row with no visible slot gives zeros.
+        lam: float or one-element tensor (a tensor is read on the device: no host sync, graph-capturable).
+        scale: softmax scale.
+        backend: "auto" (Triton for CUDA tensors when Triton imports, else the twin), "torch" (the twin),
+            "triton" (the kernel; on CPU tensors only under TRITON_INTERPRET=1, else RuntimeError).
+            The kernel has no backward: a call that needs gradients takes the twin under "auto" and
+            raises under "triton".
+    Returns:
+        (B, Hq/2, 2D) in q.dtype.
+    """
+    if backend not in _BACKENDS:
+        raise ValueError(f"diff_decode: backend must be one of {_BACKENDS}, got {backend!r}")
+    check_diff_decode_args(q, k, v, valid, lam)
+    if _use_triton(backend, q, _needs_grad(q, k, v, lam)):
+        from sambay.kernels.diff_decode_triton import diff_decode_triton
+
+        return diff_decode_triton(q, k, v, valid, lam, scale)
+    return diff_decode_ref(q, k, v, valid, lam, scale)
+
+
+def _needs_grad(*args) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+
+
+def _use_triton(backend: str, q: torch.Tensor, needs_grad: bool) -> bool:
+    """Whether this call runs the kernel (all tensors share q's device: checked before)."""
+    if backend == "torch":
+        return False
+    if backend == "auto":
+        return q.is_cuda and has_triton() and not needs_grad
+    if needs_grad:
+        raise RuntimeError("diff_decode: backend='triton' has no backward, but an input requires grad; "
+                           "call it under torch.no_grad() (decode) or use backend='torch'/'auto'")
+    if not has_triton():
+        raise RuntimeError("diff_decode: backend='triton' was requested but triton is not importable; "
+                           "install the 'triton' extra or use backend='torch'")
+    if not q.is_cuda and not triton_interpreter():
+        raise RuntimeError(f"diff_decode: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before "
+                           f"triton is imported), got tensors on {q.device}")
+    return True
+
+
+# ------------------------------------------------------------------------------------- launch geometry
+def diff_decode_tiles(D: int, dtype: torch.dtype) -> dict:
+    """The kernel's tile sizes for head dim D: BLOCK_N keys per step, BLOCK_D / BLOCK_V the padded widths
+    of a K row (D) and a V row (2D). tl.dot needs every dim >= 16 and powers of two."""
+    block_d = max(16, 1 << (D - 1).bit_length())
+    block_v = max(16, 1 << (2 * D - 1).bit_length())
+    # K0 + K1 + V per key row; keep one pipeline stage near 32 KB (two stages fit a 99 KB consumer GPU).
+    row_bytes = (2 * block_d + block_v) * dtype.itemsize
+    block_n = 64 if row_bytes * 64 <= 32 * 1024 else 32 if row_bytes * 32 <= 32 * 1024 else 16
+    return {"BLOCK_N": block_n, "BLOCK_D": block_d, "BLOCK_V": block_v}
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_sms(device: torch.device | None) -> int:
+    """SM count of a CUDA device, else the default (132, an H100/H200)."""
+    if device is not None and device.type == "cuda":
+        return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return _DEFAULT_SMS
+
+
+def choose_splits(B: int, G: int, S: int, block_n: int, sms: int) -> tuple[int, int]:
+    """Split the S slots of each (sequence, kv pair) into chunks so about 2 programs per SM run, each
+    at least _MIN_SPLIT_BLOCKS blocks long (shorter splits would spend more on their fp32 partials
+    than they save: the partials cost about 8 / split_len of the K/V bytes at D = 64, R = 2).
+
+    Returns (num_splits, split_len) with split_len a multiple of block_n, every split non-empty
+    (num_splits = ceil(S / split_len)) and num_splits >= 1 (S = 0 gives one empty split).
+    Batch 1 at a long context gets many splits; a large batch gets one split per sequence and pair.
+    """
+    blocks = -(-S // block_n)
+    want = max(1, -(-2 * sms // max(1, B * G)))
+    splits = max(1, min(want, blocks // _MIN_SPLIT_BLOCKS))
+    split_len = max(1, -(-blocks // splits)) * block_n
+    return max(1, -(-S // split_len)), split_len
+
+
+# --------------------------------------------------------------------------------------- byte counting
+class DiffDecodeBytes(NamedTuple):
+    """Bytes one diff_decode kernel call moves (assuming every slot visible: invisible slots are not
+    loaded, so a masked call moves less), and the ideal: K and V read once, q read once, out written."""
+
+    kernel: int
+    ideal: int
+    num_splits: int
+
+
+def diff_decode_bytes(B: int, Hq: int, G: int, S: int, D: int, dtype: torch.dtype,
+                      num_splits: int | None = None, device: torch.device | None = None) -> DiffDecodeBytes:
+    """Count the bytes of one Triton diff_decode call (split kernel + reduction kernel) and the ideal.
+
+    kernel = K + V (each read once: every split program reads its own slot range of one kv pair for all
+    its query heads) + q (read once per split) + valid (1 byte per slot) + the fp32 partials (max, sum
+    and a 2D-wide accumulator per split, map and diff head; written once and read once) + out.
+    ideal = K + V + q + out. num_splits: as the launcher would choose on ``device`` (default: 132 SMs).
+    """
+    item = dtype.itemsize
+    if num_splits is None:
+        num_splits, _ = choose_splits(B, G, S, diff_decode_tiles(D, dtype)["BLOCK_N"], num_sms(device))
+    kv = B * G * S * (2 * D + 2 * D) * item                      # two K stripes of D, one V of 2D per slot
+    q_bytes = B * Hq * D * item
+    out = B * (Hq // 2) * 2 * D * item
+    partials = B * (Hq // 2) * 2 * num_splits * (2 + 2 * D) * 4  # (m, l, acc[2D]) fp32 per map and split
+    kernel = kv + q_bytes * num_splits + B * S + 2 * partials + out
+    return DiffDecodeBytes(kernel=kernel, ideal=kv + q_bytes + out, num_splits=num_splits)
