@@ -388,7 +388,7 @@ def from_pretrained(path, dtype: torch.dtype | str | None = None, device=None, c
         head, file = stored_head
         emb = model.get_submodule("model.embed_tokens").weight
         if not torch.equal(head, emb):
-            diff = float((head.float() - emb.float()).abs().max())
+            diff = float((head.float() - emb.detach().float()).abs().max())
             raise CheckpointError(f"{file}: lm_head.weight differs from model.embed_tokens.weight (max |difference| "
                                   f"{diff:.4g}), but config.json has tie_word_embeddings=true, which would replace the "
                                   f"head by the embedding; expected an identical copy or none (if the head is untied, "
