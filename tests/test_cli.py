@@ -82,7 +82,8 @@ def test_every_flag_has_help_text_showing_its_default():
                 assert "default" in text, (name, action.option_strings, text)
                 checked[name] += 1
     assert checked["generate"] == 6  # every optional flag of generate (--model and --prompt are required)
-    help_text = sub.choices["generate"].format_help()
+    g = sub.choices["generate"]
+    help_text = " ".join(g._get_formatter()._expand_help(a) for a in g._actions)
     for words in ("(default: 256)", "(default: 0.0)", "(default: off, all tokens)", "(default: the checkpoint's"):
         assert words in help_text
 
