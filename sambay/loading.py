@@ -346,7 +346,7 @@ def from_pretrained(path, dtype: torch.dtype | str | None = None, device=None, c
     """Load a SambaY checkpoint directory (or hub id). dtype None = the checkpoint's ``torch_dtype``.
 
     check_finite: refuse weights with NaN/inf (every tensor, after its dtype cast), listing them by name.
-    Costs one sum per tensor: ~0.1 s/GB on a CPU core (see README), far below the cost of reading the file."""
+    Costs one sum per tensor: ~0.1-0.25 s/GB on a CPU core (see README), below the cost of reading the file."""
     from sambay.model import SambaYForCausalLM
 
     cls = cls or SambaYForCausalLM
@@ -388,7 +388,7 @@ def from_pretrained(path, dtype: torch.dtype | str | None = None, device=None, c
         head, file = stored_head
         emb = model.get_submodule("model.embed_tokens").weight
         if not torch.equal(head, emb):
-            diff = float((head.float() - emb.detach().float()).abs().max())
+            diff = float((head - emb.detach()).abs().max())  # error path only: one temporary
             raise CheckpointError(f"{file}: lm_head.weight differs from model.embed_tokens.weight (max |difference| "
                                   f"{diff:.4g}), but config.json has tie_word_embeddings=true, which would replace the "
                                   f"head by the embedding; expected an identical copy or none (if the head is untied, "
