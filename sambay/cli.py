@@ -142,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute dtype (default: the checkpoint's torch_dtype)")
     default_device = "cuda" if _cuda() else "cpu"
     g.add_argument("--device", default=default_device,
-                   help=f"torch device, e.g. cpu, cuda, cuda:1 (default: {default_device}; cuda when a GPU is available)")
+                   help=f"torch device, e.g. cpu, cuda, cuda:1 (default: {default_device}; cuda when a GPU is "
+                        f"available)")
     g.set_defaults(func=_generate)
     b = sub.add_parser("bench", help="sambay against a same-shape transformer (see benchmarks/)")
     from sambay.bench import add_arguments
