@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 
@@ -11,29 +12,33 @@ def _generate(args: argparse.Namespace) -> int:
     import torch
 
     from sambay import SambaYForCausalLM, cache_nbytes
+    from sambay.loading import _resolve_device, resolve_checkpoint
 
+    _resolve_device(args.device)  # before anything is read: a bad device is a one-line error, not a late one
+    directory = resolve_checkpoint(args.model)
     try:
         from transformers import AutoTokenizer
     except ImportError:
-        print("sambay generate needs a tokenizer from transformers: pip install 'sambay[hf]'", file=sys.stderr)
-        return 2
+        raise ValueError("sambay generate needs a tokenizer from transformers: pip install 'sambay[hf]'") from None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        tokenizer = AutoTokenizer.from_pretrained(directory)
     except Exception as e:  # missing tokenizer files: say which directory and what is needed
-        print(f"could not load a tokenizer from {args.model} ({type(e).__name__}: {e}); the checkpoint directory "
-              f"needs its tokenizer files (tokenizer.json / tokenizer_config.json)", file=sys.stderr)
-        return 2
+        raise ValueError(f"could not load a tokenizer from {directory} ({type(e).__name__}: {_one_line(e)}); the "
+                         f"checkpoint directory needs its tokenizer files (tokenizer.json / tokenizer_config.json)"
+                         ) from None
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    model = SambaYForCausalLM.from_pretrained(args.model, dtype=dtype, device=args.device)
+    model = SambaYForCausalLM.from_pretrained(directory, dtype=dtype, device=args.device)
     if args.chat:
         if not getattr(tokenizer, "chat_template", None):
-            print(f"--chat: the tokenizer in {args.model} has no chat template", file=sys.stderr)
-            return 2
+            raise ValueError(f"--chat: the tokenizer in {directory} has no chat template; expected one in "
+                             f"tokenizer_config.json (or drop --chat)")
         text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=False,
                                              add_generation_prompt=True)
     else:
         text = args.prompt
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=not args.chat).input_ids.to(model.device)
+    if ids.shape[1] == 0:
+        raise ValueError(f"--prompt: expected text that encodes to at least one token, got {args.prompt!r}")
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model.config.eos_token_id
     new_ids, shown = [], [""]
 
@@ -58,26 +63,122 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sambay", description="SambaY (Phi-4-mini-flash-reasoning) tools")
-    sub = parser.add_subparsers(dest="command", required=True)
+class _UsageError(Exception):
+    """A command-line mistake found by argparse: reported in one line, exit status 2."""
+
+
+class _Formatter(argparse.HelpFormatter):
+    """Every option's help ends with its default (argparse's ArgumentDefaultsHelpFormatter would also print
+    "(default: None)" for required options, and a second default where the text already states one)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (action.option_strings and not action.required and action.default is not argparse.SUPPRESS
+                and "default" not in text):
+            shown = "off" if action.default is False else "unset" if action.default is None else "%(default)s"
+            text = f"{text} (default: {shown})".strip()
+        return text
+
+
+class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):  # one line instead of usage + message (argparse prints both, then exits)
+        raise _UsageError(f"{self.prog}: error: {message} (see {self.prog} --help)")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def _temperature(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not math.isfinite(v) or v < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0 (0 = greedy), got {text!r}")
+    return v
+
+
+def _top_p(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a probability in (0, 1], got {text!r}") from None
+    if not 0 < v <= 1:
+        raise argparse.ArgumentTypeError(f"expected a probability in (0, 1], got {text!r}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from sambay import __version__
+
+    parser = _Parser(prog="sambay", description="SambaY (Phi-4-mini-flash-reasoning) tools")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}",
+                        help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,bench}")
     g = sub.add_parser("generate", help="stream a completion from a checkpoint directory")
     g.add_argument("--model", required=True, help="checkpoint directory (config.json, safetensors, tokenizer)")
-    g.add_argument("--prompt", required=True)
-    g.add_argument("--max-new-tokens", type=int, default=256)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    g.add_argument("--top-p", type=float, default=None)
-    g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
-    g.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: the checkpoint's)")
-    g.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    g.add_argument("--prompt", required=True, help="the text to continue (or the user message with --chat)")
+    g.add_argument("--max-new-tokens", type=_positive_int, default=256,
+                   help="tokens to generate at most (default: %(default)s)")
+    g.add_argument("--temperature", type=_temperature, default=0.0,
+                   help="sampling temperature; 0 = greedy (default: %(default)s)")
+    g.add_argument("--top-p", type=_top_p, default=None,
+                   help="nucleus sampling: keep the smallest set of tokens whose probability reaches this "
+                        "(default: off, all tokens)")
+    g.add_argument("--chat", action="store_true",
+                   help="wrap the prompt in the tokenizer's chat template (default: off)")
+    g.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                   help="compute dtype (default: the checkpoint's torch_dtype)")
+    default_device = "cuda" if _cuda() else "cpu"
+    g.add_argument("--device", default=default_device,
+                   help=f"torch device, e.g. cpu, cuda, cuda:1 (default: {default_device}; cuda when a GPU is "
+                        f"available)")
     g.set_defaults(func=_generate)
     b = sub.add_parser("bench", help="sambay against a same-shape transformer (see benchmarks/)")
     from sambay.bench import add_arguments
 
     add_arguments(b)
     b.set_defaults(func=_bench)
-    args = parser.parse_args(argv)
-    return args.func(args)
+    return parser
+
+
+def _one_line(e: BaseException) -> str:
+    return "; ".join(part.strip() for part in str(e).splitlines() if part.strip()) or type(e).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run a subcommand. A user error (bad flag, missing or invalid checkpoint, ...) prints one line on
+    stderr and returns 2; no traceback."""
+    import torch
+
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except _UsageError as e:
+        print(e, file=sys.stderr)
+        return 2
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print(f"sambay {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except torch.OutOfMemoryError as e:
+        print(f"sambay {args.command}: error: out of memory ({_one_line(e)})", file=sys.stderr)
+        return 1
+    except (ValueError, TypeError, OSError) as e:  # how sambay reports a bad argument, file or checkpoint
+        print(f"sambay {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
 
 
 def _bench(args: argparse.Namespace) -> int:
