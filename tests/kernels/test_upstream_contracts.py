@@ -49,6 +49,7 @@ def force_cuda(upstream, monkeypatch):
         return backend != "torch"
 
     monkeypatch.setattr(mamba_ops, "_use_cuda", use_cuda)
+    upstream_fakes.cpu_device_context(monkeypatch)
 
 
 def _mamba(dtype, memory_producer=False, seed=0, C=32, E=64):

@@ -18,6 +18,7 @@ fault ("misaligned address") that kills the process's CUDA context.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import sys
 import types
@@ -292,6 +293,17 @@ def _flash_other(*args, **kwargs):
 
 
 # ------------------------------------------------------------------------------------------------ install
+def cpu_device_context(monkeypatch) -> None:
+    """``torch.cuda.device(i)`` for a CPU tensor's ``device.index`` (None) fails on a CPU-only torch; upstream's
+    ``selective_state_update`` enters it around the launch (selective_state_update.py:200). On CPU tensors it is
+    made a no-op; any real CUDA index still goes to torch."""
+    real = torch.cuda.device
+
+    def device(idx):
+        return contextlib.nullcontext() if idx is None else real(idx)
+    monkeypatch.setattr(torch.cuda, "device", device)
+
+
 def missing() -> list[str]:
     """The upstream packages (at the pinned versions) that are not installed."""
     out = []
