@@ -31,25 +31,24 @@ def upstream():
     if "TRITON_INTERPRET" not in __import__("os").environ:
         pytest.skip("upstream's Triton selective_state_update needs TRITON_INTERPRET=1 on CPU")
     upstream_fakes.install()
-    from sambay.kernels import mamba_ops, attention_ops
+    from sambay.kernels import dispatch
 
-    for probe in (mamba_ops.has_mamba_ssm, mamba_ops.has_causal_conv1d, attention_ops.has_flash_attn):
-        probe.cache_clear()
+    dispatch.clear_probes()
     yield
+    dispatch.clear_probes()
 
 
 @pytest.fixture
 def force_cuda(upstream, monkeypatch):
     """Make the dispatcher treat CPU tensors as CUDA tensors: its single device hook."""
-    from sambay.kernels import mamba_ops
+    from sambay.kernels import dispatch
 
-    # The code before the dispatcher has no device hook: its device check is inside _use_cuda.
-    def use_cuda(backend, available, package, x):
-        assert available, package
-        return backend != "torch"
-
-    monkeypatch.setattr(mamba_ops, "_use_cuda", use_cuda)
+    monkeypatch.setattr(dispatch, "on_cuda", lambda *tensors: True)
     upstream_fakes.cpu_device_context(monkeypatch)
+    upstream_fakes.count_state_update(monkeypatch)
+    upstream_fakes.CALLS.clear()
+    for family in dispatch.FAST_PATHS:  # the real upstream packages (and triton) import
+        assert dispatch.probe(family) is None, dispatch.probe(family)
 
 
 def _mamba(dtype, memory_producer=False, seed=0, C=32, E=64):
@@ -91,6 +90,7 @@ def test_mamba_forward_fp32_through_upstream(force_cuda, T, memory_producer):
     x = torch.randn(2, T, 32)
     fast, fast_mem, fast_state = _run(m, "cuda", x)
     twin, twin_mem, twin_state = _run(m, "torch", x)
+    assert upstream_fakes.CALLS["selective_scan_fwd"] == 1 and upstream_fakes.CALLS["causal_conv1d_fwd"] == 1
     assert rel_err(fast, twin) <= 1e-5
     assert rel_err(fast_state.ssm, twin_state.ssm) <= 1e-5
     assert torch.equal(fast_state.conv, twin_state.conv)
@@ -107,6 +107,7 @@ def test_mamba_forward_bf16_through_upstream(force_cuda, T):
     m16 = m.to(torch.bfloat16)
     fast, fast_mem, _ = _run(m16, "cuda", x.bfloat16())
     twin, twin_mem, _ = _run(m16, "torch", x.bfloat16())
+    assert upstream_fakes.CALLS["selective_scan_fwd"] == 1
     assert rel_err(fast, ref) <= 2 * rel_err(twin, ref) + 1e-3
     assert rel_err(fast_mem, ref_mem) <= 2 * rel_err(twin_mem, ref_mem) + 1e-3
 
@@ -119,6 +120,7 @@ def test_mamba_decode_steps_through_upstream(force_cuda, dtype, memory_producer)
     x = torch.randn(3, 9, 32, dtype=dtype)
     fast, fast_mem, fast_state = _run(m, "cuda", x, steps=4)
     twin, twin_mem, twin_state = _run(m, "torch", x, steps=4)
+    assert upstream_fakes.CALLS["selective_state_update"] == 4 and upstream_fakes.CALLS["causal_conv1d_update"] == 4
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert rel_err(fast, twin) <= tol
     assert rel_err(fast_state.ssm, twin_state.ssm) <= tol
@@ -145,9 +147,35 @@ def test_tiny_model_forward_and_decode_through_upstream(force_cuda, T):
 
     model.set_backend("auto")
     fast = run()
+    layers = model.config.num_hidden_layers
+    calls = dict(upstream_fakes.CALLS)
     model.set_backend("torch")
     twin = run()
     assert rel_err(fast, twin) <= 1e-4
+    # tiny8: 8 layers, Mamba at layers 0, 2 and the memory layer 4; fp32 attention is never flash-attn's
+    assert calls["selective_scan_fwd"] == calls["causal_conv1d_fwd"] == 3, (calls, layers)
+    assert calls["selective_state_update"] == calls["causal_conv1d_update"] == 3 * 3, calls
+    assert upstream_fakes.CALLS == calls  # the twins' run reached no upstream code
+
+
+def test_tiny_model_bf16_through_upstream(force_cuda, monkeypatch):
+    """bf16, T = 128: flash-attn (causal and sliding window) as well; judged against the fp32 model. The Triton
+    gating kernels keep to the twin here: Triton's CPU interpreter computes bf16 tl.dot wrongly (test_gmu.py)."""
+    from sambay.kernels import dispatch
+
+    monkeypatch.setitem(dispatch._PROBES, "gating", "bf16 tl.dot is wrong under Triton's interpreter")
+    ref_model = fixture_model("tiny8").eval()
+    ids = torch.randint(0, ref_model.config.vocab_size, (2, 128), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref_model.set_backend("torch")
+        ref = ref_model(ids).logits
+        model = fixture_model("tiny8", dtype=torch.bfloat16).eval()
+        fast = model(ids).logits
+        calls = dict(upstream_fakes.CALLS)
+        model.set_backend("torch")
+        twin = model(ids).logits
+    assert calls["selective_scan_fwd"] == 3 and calls["flash_fwd"] > 0, calls
+    assert rel_err(fast, ref) <= 2 * rel_err(twin, ref) + 1e-2
 
 
 def _attn_inputs(dtype, tq, tk, seed=0):
@@ -162,7 +190,8 @@ def _attn_inputs(dtype, tq, tk, seed=0):
                                            (1, 20, (True, 7)), (4, 20, (True, None))])
 def test_flash_attention_through_upstream(force_cuda, tq, tk, flash):
     """bf16 flash_attn_func (two D-wide value halves) against the fp32 masked twin."""
-    from sambay.kernels import attention_ops
+    from sambay import kernels
+    from sambay.kernels import twins
 
     q, k, v = _attn_inputs(torch.float32, tq, tk)
     i = torch.arange(tk - tq, tk)[:, None]
@@ -171,9 +200,10 @@ def test_flash_attention_through_upstream(force_cuda, tq, tk, flash):
     if flash[1] is not None:
         vis = vis & (j > i - flash[1])
     mask = vis[None, None].expand(2, 1, -1, -1)
-    ref = attention_ops.attend_ref(q, k, v, mask, False, 0.25)
+    ref = twins.attend(q, k, v, mask, False, 0.25)
     bf = [t.bfloat16() for t in (q, k, v)]
-    twin = attention_ops.attend_ref(*bf, mask, False, 0.25)
-    fast = attention_ops.attend(*bf, None, False, 0.25, flash=flash, backend="cuda")
+    twin = twins.attend(*bf, mask, False, 0.25)
+    fast = kernels.attend(*bf, None, False, 0.25, flash=flash, backend="cuda")
+    assert upstream_fakes.CALLS["flash_fwd"] == 2  # the 2D-wide value as two D-wide calls
     assert fast.shape == ref.shape and fast.dtype == torch.bfloat16
     assert rel_err(fast, ref) <= 2 * rel_err(twin, ref) + 1e-3

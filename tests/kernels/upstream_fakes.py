@@ -18,6 +18,7 @@ fault ("misaligned address") that kills the process's CUDA context.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import importlib.util
 import sys
@@ -36,6 +37,10 @@ CCF = "causal-conv1d csrc/causal_conv1d_fwd.cu"
 FA = "flash-attention csrc/flash_attn/flash_api.cpp"
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+# How often each stand-in (and upstream's Triton selective_state_update, see count_state_update) ran: the
+# tests assert the fast paths were really taken, not silently replaced by the twins.
+CALLS: collections.Counter = collections.Counter()
 
 
 def check(cond: bool, where: str, what: str) -> None:
@@ -78,6 +83,7 @@ def _scan_launch(seqlen: int) -> tuple[int, int]:
 
 def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
     """``selective_scan_cuda.fwd`` (selective_scan.cpp:227). u, delta, z (b, d, l); A (d, n); B, C (b, g, n, l)."""
+    CALLS["selective_scan_fwd"] += 1
     itype = u.dtype
     check(itype in _FLOATS, f"{SS}:235", f"u dtype must be fp32/fp16/bf16, got {itype}")
     check(A.dtype == torch.float32, f"{SS}:236", f"A dtype must be fp32 (real weights), got {A.dtype}")
@@ -192,6 +198,7 @@ def _conv_math(window: torch.Tensor, weight: torch.Tensor, bias, silu: bool) -> 
 
 def causal_conv1d_fwd(x, weight, bias, seq_idx, initial_states, out, final_states_out, silu_activation):
     """``causal_conv1d_cuda.causal_conv1d_fwd`` (causal_conv1d.cpp:150). x (b, d, l), weight (d, w), out like x."""
+    CALLS["causal_conv1d_fwd"] += 1
     b, d, L, width = _conv_common(x, weight, bias, 160, 182, 186)
     check_shape(x, (b, d, L), f"{CC}:172", "x")
     check(x.stride(2) == 1 or x.stride(1) == 1, f"{CC}:175", "x must be unit-stride along l or d")
@@ -221,6 +228,7 @@ def causal_conv1d_fwd(x, weight, bias, seq_idx, initial_states, out, final_state
 
 def causal_conv1d_update(x, conv_state, weight, bias, out, silu_activation, cache_seqlens, conv_state_indices):
     """``causal_conv1d_cuda.causal_conv1d_update`` (causal_conv1d.cpp:468). x (b, d, l); conv_state (b, d, s)."""
+    CALLS["causal_conv1d_update"] += 1
     check(conv_state.dtype == x.dtype, f"{CC}:479", f"conv_state dtype must equal x's ({x.dtype}), "
           f"got {conv_state.dtype}")
     b, d, L, width = _conv_common(x, weight, bias, 477, 496, 500)
@@ -242,6 +250,7 @@ def _conv_bwd(*args, **kwargs):
 def flash_fwd(q, k, v, out_, alibi_slopes, p_dropout, softmax_scale, is_causal, window_left, window_right,
               softcap, return_softmax, gen):
     """``flash_attn_2_cuda.fwd`` = mha_fwd (flash_api.cpp:351). q (b, sq, h, d); k, v (b, sk, hk, d)."""
+    CALLS["flash_fwd"] += 1
     check(q.dtype in (torch.float16, torch.bfloat16), f"{FA}:373", f"FlashAttention only supports fp16 and bf16, "
           f"got {q.dtype}")
     check(k.dtype == q.dtype, f"{FA}:375", "query and key must have the same dtype")
@@ -302,6 +311,18 @@ def cpu_device_context(monkeypatch) -> None:
     def device(idx):
         return contextlib.nullcontext() if idx is None else real(idx)
     monkeypatch.setattr(torch.cuda, "device", device)
+
+
+def count_state_update(monkeypatch) -> None:
+    """Count the calls of upstream's Triton selective_state_update (it runs for real, under the interpreter)."""
+    import mamba_ssm.ops.triton.selective_state_update as ssu
+
+    real = ssu.selective_state_update
+
+    def counted(*args, **kwargs):
+        CALLS["selective_state_update"] += 1
+        return real(*args, **kwargs)
+    monkeypatch.setattr(ssu, "selective_state_update", counted)
 
 
 def missing() -> list[str]:
