@@ -47,8 +47,10 @@ def selective_scan(x, dt, A, B, C, D, z=None, dt_bias=None, s0=None):
     delta = softplus_dt(dt, dt_bias)
     xf, Bf, Cf = f32(x), f32(B), f32(C)
     s = torch.zeros(bsz, E, N, device=x.device, dtype=xf.dtype) if s0 is None else f32(s0)
-    # Without autograd the states are written in place (no stacking pass); with it, kept as a list.
-    in_place = not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, dt, A, B, C, s)))
+    # Without autograd the states are written in place (no stacking pass); with it, kept as a list. Under
+    # torch.compile too: dynamo cannot trace ``out=`` into the strided per-step views (a graph break).
+    in_place = not torch.compiler.is_compiling() and not (
+        torch.is_grad_enabled() and any(t.requires_grad for t in (x, dt, A, B, C, s)))
     ys = []
     for t0 in range(0, T, _BLOCK):
         t1 = min(T, t0 + _BLOCK)
