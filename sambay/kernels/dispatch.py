@@ -70,6 +70,9 @@ def probe(family: str) -> str | None:
     """
     if family in _PROBES:
         return _PROBES[family]
+    if torch.compiler.is_compiling():
+        raise RuntimeError(f"sambay: the {family} fast path was first probed inside a compiled region; call "
+                           f"model.set_backend(...) or sambay.kernels.active_backends(device) before compiling")
     name, package, modules = FAST_PATHS[family]
     reason = None
     if importlib.util.find_spec(package) is None:

@@ -119,3 +119,18 @@ def test_public_ops_compile_without_graph_breaks_on_cpu(name):
     explanation = torch._dynamo.explain(lambda *a: fn(*a))(*args)
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
+
+
+def test_cached_probes_are_plain_values_under_compile(monkeypatch):
+    """For CUDA tensors (the device hook stands in for them) a compiled region only reads the probe cache: no
+    graph break once the probes ran; a probe first reached inside a compiled region says what to call first."""
+    monkeypatch.setattr(dispatch, "on_cuda", lambda *t: True)
+    fn, args = _op_calls()["selective_scan"]
+    monkeypatch.setattr(dispatch, "_PROBES", {})
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match=r"active_backends\(device\) before compiling"):
+        torch.compile(lambda *a: fn(*a), fullgraph=True)(*args)
+    monkeypatch.setattr(dispatch, "_PROBES", {"scan": "mamba_ssm is not importable (not installed)"})
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(lambda *a: fn(*a))(*args)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
