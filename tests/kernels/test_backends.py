@@ -134,3 +134,20 @@ def test_cached_probes_are_plain_values_under_compile(monkeypatch):
     torch._dynamo.reset()
     explanation = torch._dynamo.explain(lambda *a: fn(*a))(*args)
     assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+def test_static_decode_step_has_no_graph_break_on_cpu():
+    """The model's static decode step (tiny8) traces as one graph on CPU: dispatch adds no break (issue 12 counted
+    15-19, all from the availability probes' imports)."""
+    from helpers import fixture_model
+
+    from sambay.generation import decode_one_token
+
+    model = fixture_model("tiny8").eval()
+    ids = torch.randint(0, 256, (1, 10), generator=torch.Generator().manual_seed(0))
+    cache = model.allocate_cache(1, 20)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        model(ids, cache=cache)
+        explanation = torch._dynamo.explain(lambda t, c: decode_one_token(model, t, c, static=True))(ids[:, -1], cache)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
