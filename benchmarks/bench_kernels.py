@@ -78,9 +78,9 @@ def implementations(twin: Callable, triton_fn_name: str, device: torch.device, c
     impls = []
     if device.type == "cuda" and has_triton():
         if triton_fn_name == "silu_mul":
-            from sambay.kernels.gating import silu_mul_triton as fn
+            from sambay.kernels.triton_silu_mul import silu_mul_triton as fn
         else:
-            from sambay.kernels.gmu_matmul import gmu_triton as fn
+            from sambay.kernels.triton_gmu import gmu_triton as fn
         impls.append(Impl("triton", fn))
     impls.append(Impl("torch twin", twin))
     if compile_twin == "yes":

@@ -404,13 +404,23 @@ class SambaYForCausalLM(nn.Module):
         return SambaYCache(self.config, batch_size, max_length, dtype or self.dtype, device or self.device)
 
     def set_backend(self, backend: str = "auto") -> None:
-        """"auto": fast kernels where the tensors' device has them (Triton, mamba_ssm, causal_conv1d,
-        flash_attn on CUDA), decided per call; "torch": the plain-PyTorch twins everywhere."""
-        if backend not in ("auto", "torch"):
-            raise ValueError(f"backend: expected 'auto' or 'torch', got {backend!r}")
+        """Choose the implementations of every op of every layer: one of ``sambay.kernels.BACKENDS``.
+
+        "auto": the fast path where the tensors' device has it (Triton, mamba_ssm, causal_conv1d, flash_attn on
+        CUDA), decided per call, else the plain-PyTorch twin; "torch": the twins everywhere; "cuda": insist on
+        the fast paths (an op that cannot take one raises, saying why). On a CUDA model this also runs the
+        packages' availability probes now, outside any compiled region."""
+        from sambay.kernels import BACKENDS, active_backends
+        from sambay.layers import BACKEND_LAYERS
+
+        if backend not in BACKENDS:
+            raise ValueError(f"backend: expected 'auto' or 'torch' (or 'cuda' to insist on the fast paths), "
+                             f"one of {BACKENDS}; got {backend!r}")
         for m in self.modules():
-            if hasattr(m, "backend"):
+            if isinstance(m, BACKEND_LAYERS):
                 m.backend = backend
+        if backend != "torch":
+            active_backends(self.device)
 
     def gradient_checkpointing_enable(self) -> None:
         """Recompute each decoder layer's activations in backward (same gradients, less memory)."""

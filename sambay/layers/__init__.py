@@ -11,7 +11,11 @@ from sambay.layers.gmu import GMU
 from sambay.layers.mamba import Mamba
 from sambay.layers.mlp import MLP
 
+# The layers that call sambay.kernels ops; each has a ``backend`` attribute (one of sambay.kernels.BACKENDS).
+BACKEND_LAYERS = (Mamba, MLP, GMU, DiffAttentionCore)
+
 __all__ = [
+           "BACKEND_LAYERS",
            "GMU",
            "MLP",
            "Attention",

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from sambay.kernels.attention_ops import attend_pair
+from sambay.kernels import attend_pair
 from sambay.kernels.reference import f32
 
 
@@ -62,7 +62,7 @@ class DiffAttentionCore(nn.Module):
         self.lambda_init = lambda_init
         self.scale = head_dim ** -0.5
         self.dropout = 0.0  # attention-probability dropout, applied only in training
-        self.backend = "auto"  # "auto" | "torch" | "cuda": see sambay.kernels.attention_ops
+        self.backend = "auto"  # one of sambay.kernels.BACKENDS
         # Kept in fp32 whatever the model dtype (the HF module creates them in fp32).
         for name in ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2"):
             setattr(self, name, nn.Parameter(torch.empty(head_dim, device=device, dtype=torch.float32)))

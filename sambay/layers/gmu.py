@@ -16,7 +16,7 @@ class GMU(nn.Module):
         super().__init__()
         self.in_proj = nn.Linear(hidden, d_inner, bias=False, device=device, dtype=dtype)
         self.out_proj = nn.Linear(d_inner, hidden, bias=False, device=device, dtype=dtype)
-        self.backend = "auto"  # "auto" | "torch": see sambay.kernels
+        self.backend = "auto"  # one of sambay.kernels.BACKENDS
 
     def forward(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
         """x: (B, T, C), memory: (B, T, E) -> (B, T, C)."""

@@ -13,8 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sambay.kernels import silu_mul
-from sambay.kernels.mamba_ops import causal_conv1d, causal_conv1d_step, selective_scan, selective_step
+from sambay.kernels import causal_conv1d, causal_conv1d_step, selective_scan, selective_step, silu_mul
 from sambay.kernels.reference import f32
 
 
@@ -31,7 +30,7 @@ class Mamba(nn.Module):
         self.d_inner, self.d_state, self.d_conv = d_inner, d_state, d_conv
         self.dt_rank = dt_rank or math.ceil(hidden / 16)
         self.memory_producer = memory_producer
-        self.backend = "auto"  # "auto" | "torch" | "cuda": see sambay.kernels.mamba_ops
+        self.backend = "auto"  # one of sambay.kernels.BACKENDS, for every op of the layer
         self.in_proj = nn.Linear(hidden, 2 * d_inner, bias=proj_bias, **kw)
         self.conv1d = nn.Conv1d(d_inner, d_inner, d_conv, groups=d_inner, bias=conv_bias, **kw)
         self.x_proj = nn.Linear(d_inner, self.dt_rank + 2 * d_state, bias=False, **kw)
@@ -57,15 +56,15 @@ class Mamba(nn.Module):
         self.D.fill_(1.0)
 
     def _ssm_inputs(self, xc: torch.Tensor):
-        """From the conv output (B, T, E) compute delta (fp32, softplus'd), B and C (B, T, N)."""
+        """From the conv output (B, T, E) compute the raw time step dt (B, T, E) in the model dtype, its bias
+        (E,) or None, and B, C (B, T, N). The scan ops compute delta = softplus(f32(dt) + f32(dt_bias)) (threshold
+        20), the bias added in fp32 as HF does; this is also mamba_ssm's calling convention (delta_bias)."""
         dt_raw, b, c = self.x_proj(xc).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        # softplus with threshold 20 (identity above it), the CUDA scan's rule.
         if type(self.dt_proj) is nn.Linear:
-            dt = F.linear(dt_raw, self.dt_proj.weight)  # bias is added in fp32 before the softplus, as HF does
-            return F.softplus(f32(dt) + f32(self.dt_proj.bias)), b, c
+            return F.linear(dt_raw, self.dt_proj.weight), self.dt_proj.bias, b, c
         # dt_proj was wrapped (e.g. a LoRA adapter): call it so the wrapper's math is not bypassed
         # (the bias is then added in the model dtype, one extra rounding in bf16).
-        return F.softplus(f32(self.dt_proj(dt_raw))), b, c
+        return self.dt_proj(dt_raw), None, b, c
 
     def _outputs(self, scan, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Apply the output gate where HF does. ``scan(z)`` runs the scan, gated by z when given.
@@ -73,8 +72,7 @@ class Mamba(nn.Module):
         if not self.memory_producer:
             return scan(z), None  # y * silu(z) fused in the scan in fp32, one rounding (HF layers 0..N/2-2)
         memory = scan(None)  # the ungated y, rounded to the model dtype: the memory
-        gate_backend = "torch" if self.backend == "torch" else "auto"
-        return silu_mul(z, memory, gate_backend), memory  # HF: a second rounding after the gate
+        return silu_mul(z, memory, self.backend), memory  # HF: a second rounding after the gate
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, state=None, fresh: bool = True):
         """Args:
@@ -99,12 +97,12 @@ class Mamba(nn.Module):
         xc = causal_conv1d(history, self.conv1d.weight[:, 0], self.conv1d.bias, self.backend).transpose(1, 2)
         if mask is not None:
             xc = xc * mask[..., None].to(xc.dtype)
-        delta, b, c = self._ssm_inputs(xc)
+        dt, dt_bias, b, c = self._ssm_inputs(xc)
         A = -torch.exp(f32(self.A_log))
         s0 = state.ssm if state is not None and not fresh else None
 
         def scan(gate):
-            out, last = selective_scan(xc, delta, A, b, c, self.D, z=gate, s0=s0, backend=self.backend)
+            out, last = selective_scan(xc, dt, A, b, c, self.D, z=gate, dt_bias=dt_bias, s0=s0, backend=self.backend)
             if state is not None:
                 state.ssm.copy_(last)
             return out
@@ -121,11 +119,11 @@ class Mamba(nn.Module):
         xc = causal_conv1d_step(state.conv, xs, self.conv1d.weight[:, 0], self.conv1d.bias, self.backend)
         if mask is not None:
             xc = xc * mask.to(xc.dtype)
-        delta, b, c = self._ssm_inputs(xc)
+        dt, dt_bias, b, c = self._ssm_inputs(xc)
         A = -torch.exp(f32(self.A_log))
 
         def scan(gate):
-            return selective_step(state.ssm, xc, delta, A, b, c, self.D, z=gate, backend=self.backend)
+            return selective_step(state.ssm, xc, dt, A, b, c, self.D, z=gate, dt_bias=dt_bias, backend=self.backend)
 
         out, memory = self._outputs(scan, z)
         return self.out_proj(out[:, None]), None if memory is None else memory[:, None]

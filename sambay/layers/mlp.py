@@ -13,7 +13,7 @@ class MLP(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(hidden, 2 * intermediate, bias=False, device=device, dtype=dtype)
         self.fc2 = nn.Linear(intermediate, hidden, bias=False, device=device, dtype=dtype)
-        self.backend = "auto"  # "auto" | "torch": see sambay.kernels
+        self.backend = "auto"  # one of sambay.kernels.BACKENDS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, T, C) -> (B, T, C). The halves are strided views of fc1's output (no copy)."""

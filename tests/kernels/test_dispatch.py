@@ -1,8 +1,9 @@
 """Backend dispatch of :func:`sambay.kernels.silu_mul` / :func:`sambay.kernels.gmu`.
 
 Rules: ``"auto"`` takes Triton only for CUDA tensors when triton imports (decided per call, from the
-tensors); ``"torch"`` always takes the twin; ``"triton"`` insists and says clearly why it cannot run;
-anything else is a ValueError.
+tensors); ``"torch"`` always takes the twin; ``"cuda"`` (the fast path, here Triton) insists and says clearly why
+it cannot run; anything else is a ValueError. (Before the one backend vocabulary the insisting name was
+``"triton"``; it is now an invalid name, like any other.)
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import pytest
 import torch
 
 from sambay import kernels
+from sambay.kernels import dispatch
 from sambay.kernels import gmu, gmu_ref, silu_mul, silu_mul_ref
 
 REPO = Path(__file__).resolve().parents[2]
@@ -35,8 +37,8 @@ def _args(op):
 
 
 OPS = [pytest.param("silu_mul", id="silu_mul"), pytest.param("gmu", id="gmu")]
-_TRITON_FN = {"silu_mul": ("sambay.kernels.gating", "silu_mul_triton"),
-              "gmu": ("sambay.kernels.gmu_matmul", "gmu_triton")}
+_TRITON_FN = {"silu_mul": ("sambay.kernels.triton_silu_mul", "silu_mul_triton"),
+              "gmu": ("sambay.kernels.triton_gmu", "gmu_triton")}
 
 
 def _forbid_triton(monkeypatch, op):
@@ -46,6 +48,11 @@ def _forbid_triton(monkeypatch, op):
     def boom(*args, **kwargs):
         raise AssertionError(f"{name} must not be called here")
     monkeypatch.setattr(importlib.import_module(module), name, boom)
+
+
+def _no_triton(monkeypatch):
+    """The dispatcher's cached probe result for a machine where triton is not installed."""
+    monkeypatch.setattr(dispatch, "_PROBES", {"gating": "triton is not importable (not installed)"})
 
 
 def _spy_triton(monkeypatch, op) -> list:
@@ -69,7 +76,7 @@ def test_cpu_tensors_take_the_twin_even_with_triton(op, backend, monkeypatch):
 
 @pytest.mark.parametrize("op", OPS)
 def test_auto_without_triton_takes_the_twin(op, monkeypatch):
-    monkeypatch.setattr(kernels, "has_triton", lambda: False)
+    _no_triton(monkeypatch)
     fn, ref, args = _args(op)
     assert torch.equal(fn(*args), ref(*args))
 
@@ -82,29 +89,29 @@ def test_triton_backend_on_cpu_uses_the_interpreter(op, monkeypatch):
         pytest.skip("needs TRITON_INTERPRET=1 (set by tests/kernels/conftest.py on CPU machines)")
     calls = _spy_triton(monkeypatch, op)
     fn, ref, args = _args(op)
-    torch.testing.assert_close(fn(*args, backend="triton"), ref(*args), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fn(*args, backend="cuda"), ref(*args), rtol=1e-5, atol=1e-5)
     assert calls
 
 
 @pytest.mark.parametrize("op", OPS)
 def test_triton_backend_on_cpu_without_interpreter_raises(op, monkeypatch):
     pytest.importorskip("triton")
-    monkeypatch.setattr(kernels, "triton_interpreter", lambda: False)
+    monkeypatch.setattr(dispatch, "triton_interpreter", lambda: False)
     _forbid_triton(monkeypatch, op)
     fn, _, args = _args(op)
     with pytest.raises(RuntimeError, match="needs CUDA tensors.*TRITON_INTERPRET"):
-        fn(*args, backend="triton")
+        fn(*args, backend="cuda")
 
 
 @pytest.mark.parametrize("op", OPS)
 def test_triton_backend_without_triton_raises(op, monkeypatch):
-    monkeypatch.setattr(kernels, "has_triton", lambda: False)
+    _no_triton(monkeypatch)
     fn, _, args = _args(op)
     with pytest.raises(RuntimeError, match="triton is not importable"):
-        fn(*args, backend="triton")
+        fn(*args, backend="cuda")
 
 
-@pytest.mark.parametrize("backend", ["cuda", "Triton", "", None])
+@pytest.mark.parametrize("backend", ["triton", "Triton", "", None])
 @pytest.mark.parametrize("op", OPS)
 def test_invalid_backend_raises(op, backend):
     fn, _, args = _args(op)
@@ -115,16 +122,16 @@ def test_invalid_backend_raises(op, backend):
 def test_choice_is_made_per_call_from_the_tensors(monkeypatch):
     """The rule itself, with stand-ins for CUDA tensors (no GPU needed)."""
     cuda, cpu = SimpleNamespace(is_cuda=True, device="cuda:0"), SimpleNamespace(is_cuda=False, device="cpu")
-    monkeypatch.setattr(kernels, "has_triton", lambda: True)
-    assert kernels._use_triton("auto", cuda, cuda) is True
-    assert kernels._use_triton("auto", cuda, cpu) is False          # mixed devices: the twin reports it
-    assert kernels._use_triton("auto", cpu) is False
-    assert kernels._use_triton("torch", cuda) is False
-    monkeypatch.setattr(kernels, "has_triton", lambda: False)       # same process, next call: no triton
-    assert kernels._use_triton("auto", cuda) is False
+    monkeypatch.setattr(dispatch, "_PROBES", {"gating": None})
+    assert dispatch.use_fast("gating", "auto", (cuda, cuda)) is True
+    assert dispatch.use_fast("gating", "auto", (cuda, cpu)) is False          # mixed devices: the twin reports it
+    assert dispatch.use_fast("gating", "auto", (cpu,)) is False
+    assert dispatch.use_fast("gating", "torch", (cuda,)) is False
+    _no_triton(monkeypatch)                                                   # same process, next call: no triton
+    assert dispatch.use_fast("gating", "auto", (cuda,)) is False
 
 
-@pytest.mark.parametrize("name", kernels.__all__)
+@pytest.mark.parametrize("name", [n for n in kernels.__all__ if n != "BACKENDS"])  # the public functions
 def test_no_submodule_shadows_a_public_name(name):
     """Importing a submodule binds it as an attribute of the package: a kernel module named like a public
     function (e.g. ``sambay/kernels/gmu.py``) would replace ``sambay.kernels.gmu`` on first Triton use."""
@@ -143,7 +150,7 @@ def test_fresh_process_without_interpreter():
         u = torch.randn(4, 10)
         assert torch.equal(k.silu_mul(u[:, :5], u[:, 5:]), k.silu_mul_ref(u[:, :5], u[:, 5:]))
         try:
-            k.silu_mul(u[:, :5], u[:, 5:], backend="triton")
+            k.silu_mul(u[:, :5], u[:, 5:], backend="cuda")
         except RuntimeError as e:
             print("RAISED:", e)
         else:

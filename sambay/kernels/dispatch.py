@@ -1,0 +1,141 @@
+"""The one backend dispatcher: which implementation of an op family runs for a given call.
+
+Vocabulary (:data:`BACKENDS`, the same for every op, layer and ``model.set_backend``):
+
+- ``"auto"``: the family's GPU fast path when the tensors are on CUDA, the path supports the call (dtype,
+  layout) and its package imports; the plain-PyTorch twin otherwise. Never a silent downgrade of a broken
+  install: a package that is installed but fails to import is reported once (a ``RuntimeWarning`` naming it
+  and the error), then the twin runs.
+- ``"torch"``: always the twin (:mod:`sambay.kernels.twins`).
+- ``"cuda"``: insist on the fast path; raise ``RuntimeError`` saying why it cannot run.
+
+Op families and their fast paths (:data:`FAST_PATHS`): ``conv`` causal_conv1d, ``scan`` mamba_ssm (the chunk
+scan and its Triton decode step), ``attention`` flash_attn, ``gating`` sambay's own Triton kernels.
+
+Decided per call from the tensors' device, never from a global that changes math. For CPU tensors the decision
+calls no probe and imports nothing, so ``torch.compile(fullgraph=True)`` sees no graph break from dispatch. For
+CUDA tensors the probes are plain cached values; compute them before tracing (``set_backend`` or
+:func:`active_backends` does) so that a compiled region only reads the cache.
+
+The one device hook is :func:`on_cuda`; the CPU contract tests monkeypatch it to send CPU tensors down the CUDA
+adapters (through the real upstream packages, see tests/kernels/test_upstream_contracts.py). Triton kernels may
+also run on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1``), but only when ``"cuda"`` is asked
+for explicitly: ``"auto"`` never sends CPU tensors to Triton.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import warnings
+
+import torch
+
+BACKENDS = ("auto", "torch", "cuda")
+
+# op family -> (backend name reported by active_backends, package to import, modules whose import proves it works)
+FAST_PATHS = {
+    "conv": ("causal_conv1d", "causal_conv1d", ("causal_conv1d",)),
+    "scan": ("mamba_ssm", "mamba_ssm", ("mamba_ssm.ops.selective_scan_interface",
+                                        "mamba_ssm.ops.triton.selective_state_update")),
+    "attention": ("flash_attn", "flash_attn", ("flash_attn.flash_attn_interface",)),
+    "gating": ("triton", "triton", ("triton", "triton.language")),
+}
+
+# family -> None (available) or the reason it is not; filled by probe(), read as a plain dict lookup.
+_PROBES: dict[str, str | None] = {}
+
+
+def check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def on_cuda(*tensors: torch.Tensor) -> bool:
+    """Whether every tensor is on a CUDA device: the single device check of the dispatcher (tests patch it)."""
+    return all(t.is_cuda for t in tensors)
+
+
+def triton_interpreter() -> bool:
+    """Whether Triton runs in its CPU interpreter (``TRITON_INTERPRET=1`` set before the kernels are imported)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def probe(family: str) -> str | None:
+    """None when the family's fast-path package imports, else the reason (cached for the process).
+
+    Not installed: the reason, silently. Installed but the import fails (a missing compiled extension, a
+    transformers it cannot import from, ...): one RuntimeWarning naming the package and the error.
+    """
+    if family in _PROBES:
+        return _PROBES[family]
+    if torch.compiler.is_compiling():
+        raise RuntimeError(f"sambay: the {family} fast path was first probed inside a compiled region; call "
+                           f"model.set_backend(...) or sambay.kernels.active_backends(device) before compiling")
+    name, package, modules = FAST_PATHS[family]
+    reason = None
+    if importlib.util.find_spec(package) is None:
+        reason = f"{package} is not importable (not installed)"
+    else:
+        try:
+            for module in modules:
+                importlib.import_module(module)
+        except Exception as e:  # any import-time failure means the fast path cannot run
+            reason = f"{package} is installed but failed to import ({type(e).__name__}: {e})"
+            warnings.warn(f"sambay: {reason}; the {family} ops use their PyTorch twin", RuntimeWarning, stacklevel=2)
+    _PROBES[family] = reason
+    return reason
+
+
+def clear_probes() -> None:
+    """Forget the cached probe results (tests that install or remove packages)."""
+    _PROBES.clear()
+
+
+def use_fast(family: str, backend: str, tensors: tuple[torch.Tensor, ...], unsupported: str | None = None) -> bool:
+    """Whether this call takes the family's fast path.
+
+    Args:
+        family: a key of :data:`FAST_PATHS`.
+        backend: one of :data:`BACKENDS`.
+        tensors: the call's tensors (their device decides).
+        unsupported: why the fast path cannot take this call (dtype, layout, ...), or None if it can.
+    Raises:
+        ValueError for an unknown backend; RuntimeError when ``backend="cuda"`` and the fast path cannot run.
+    """
+    check_backend(backend)
+    if backend == "torch":
+        return False
+    cuda = on_cuda(*tensors)
+    if backend == "auto":
+        # CPU tensors: decided here, before any probe or import (compile-safe).
+        return cuda and unsupported is None and probe(family) is None
+    # backend == "cuda": the caller insists; say exactly why it cannot run.
+    interpreted = family == "gating" and triton_interpreter()
+    if not (cuda or interpreted):
+        devices = sorted({str(t.device) for t in tensors})
+        hint = " (or TRITON_INTERPRET=1 set before triton is imported)" if family == "gating" else ""
+        raise RuntimeError(f"backend='cuda' needs CUDA tensors{hint} for the {family} fast path "
+                           f"({FAST_PATHS[family][0]}), got tensors on {devices}")
+    reason = probe(family)
+    if reason is not None:
+        extra = "install the 'triton' extra" if family == "gating" else "pip install 'sambay[cuda]'"
+        raise RuntimeError(f"backend='cuda' needs {FAST_PATHS[family][0]} for the {family} ops: {reason}; "
+                           f"{extra} or use backend='torch'")
+    if unsupported is not None:
+        raise RuntimeError(f"backend='cuda': {FAST_PATHS[family][0]} cannot take this {family} call: {unsupported}")
+    return True
+
+
+def active_backends(device: torch.device | str) -> dict[str, str]:
+    """The backend ``"auto"`` picks on ``device`` for each op family, e.g. on a GPU with everything installed
+    ``{"conv": "causal_conv1d", "scan": "mamba_ssm", "attention": "flash_attn", "gating": "triton"}``; a family
+    without its fast path reports ``"torch"``. Probes (once per process) and so warms the cache for compiling.
+
+    flash_attn takes only bf16/fp16 calls without padding; the rest of the calls use the twin even when it
+    is reported here."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return {family: "torch" for family in FAST_PATHS}
+    return {family: FAST_PATHS[family][0] if probe(family) is None else "torch" for family in FAST_PATHS}

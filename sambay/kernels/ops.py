@@ -1,0 +1,97 @@
+"""The public ops: each asks the dispatcher (:mod:`sambay.kernels.dispatch`) which implementation runs, then
+calls the fast path (Triton kernel or CUDA adapter) or the ``"torch"`` twin, with one signature for all.
+
+    family    op                                   fast path                      twin
+    gating    silu_mul, gmu                        triton_silu_mul, triton_gmu    reference (silu_mul_ref, gmu_ref)
+    conv      causal_conv1d, causal_conv1d_step    cuda_adapters (causal-conv1d)  twins
+    scan      selective_scan, selective_step       cuda_adapters (mamba-ssm)      twins
+    attention attend, attend_pair                  cuda_adapters (flash-attn)     twins
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from sambay.kernels import cuda_adapters, twins
+from sambay.kernels.dispatch import use_fast
+from sambay.kernels.reference import gmu_ref, silu_mul_ref
+
+
+def _device_of(t: torch.Tensor):
+    """Launch on the tensors' GPU, not the current one (a model on cuda:1)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+# ----------------------------------------------------------------------------------------------- gating
+def silu_mul(gate: torch.Tensor, value: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """silu(gate) * value in fp32, rounded once to ``gate.dtype``. See :func:`silu_mul_ref`."""
+    if use_fast("gating", backend, (gate, value)):
+        from sambay.kernels.triton_silu_mul import silu_mul_triton
+
+        with _device_of(gate):
+            return silu_mul_triton(gate, value)
+    return silu_mul_ref(gate, value)
+
+
+def gmu(x: torch.Tensor, in_proj_weight: torch.Tensor, memory: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """silu(x @ in_proj_weight^T) * memory as one fused op. See :func:`gmu_ref`."""
+    if use_fast("gating", backend, (x, in_proj_weight, memory)):
+        from sambay.kernels.triton_gmu import gmu_triton
+
+        with _device_of(x):
+            return gmu_triton(x, in_proj_weight, memory)
+    return gmu_ref(x, in_proj_weight, memory)
+
+
+# ------------------------------------------------------------------------------------------------- conv
+def causal_conv1d(history, weight, bias, backend: str = "auto"):
+    """silu(causal depthwise conv) continuing a history: (B, E, K-1+T) -> (B, E, T). See ``causal_conv1d_ref``."""
+    if use_fast("conv", backend, (history, weight), cuda_adapters.unsupported_conv(history, weight, bias)):
+        return cuda_adapters.causal_conv1d(history, weight, bias)
+    return twins.causal_conv1d(history, weight, bias)
+
+
+def causal_conv1d_step(conv_state, x, weight, bias, backend: str = "auto"):
+    """One decode step of the conv, shifting ``conv_state`` (B, E, K-1) in place; x (B, E) -> (B, E)."""
+    if use_fast("conv", backend, (conv_state, x, weight), cuda_adapters.unsupported_conv(x, weight, bias)):
+        return cuda_adapters.causal_conv1d_step(conv_state, x, weight, bias)
+    return twins.causal_conv1d_step(conv_state, x, weight, bias)
+
+
+# ------------------------------------------------------------------------------------------------- scan
+def selective_scan(x, dt, A, B, C, D, z=None, dt_bias=None, s0=None, backend: str = "auto"):
+    """The chunk scan with delta = softplus(dt + dt_bias). See ``selective_scan_ref`` for shapes.
+    A chunk that continues a state (s0 given) cannot use the CUDA kernel: "auto" takes the twin."""
+    if use_fast("scan", backend, (x, dt, B, C), cuda_adapters.unsupported_scan(x, dt, B, C, z, s0)):
+        return cuda_adapters.selective_scan(x, dt, A, B, C, D, z=z, dt_bias=dt_bias)
+    return twins.selective_scan(x, dt, A, B, C, D, z=z, dt_bias=dt_bias, s0=s0)
+
+
+def selective_step(state, x, dt, A, B, C, D, z=None, dt_bias=None, backend: str = "auto"):
+    """One recurrence step updating ``state`` (B, E, N) in place. See ``selective_step_ref``."""
+    if use_fast("scan", backend, (state, x, dt, B, C)):
+        return cuda_adapters.selective_step(state, x, dt, A, B, C, D, z=z, dt_bias=dt_bias)
+    return twins.selective_step(state, x, dt, A, B, C, D, z=z, dt_bias=dt_bias)
+
+
+# -------------------------------------------------------------------------------------------- attention
+def attend(q, k, v, mask, causal: bool, scale: float, dropout_p: float = 0.0, flash=None,
+           backend: str = "auto") -> torch.Tensor:
+    """One attention map, softmax(q k^T * scale) v. See ``attend_ref``. ``flash`` is (causal, window) when the
+    call's visibility is exactly flash-attn's bottom-right causal (+ window of ``window`` keys) with no padding,
+    else None; ``mask``/``causal`` describe the same visibility for the twin."""
+    if use_fast("attention", backend, (q, k, v), cuda_adapters.unsupported_flash(q, k, v, flash, dropout_p)):
+        return cuda_adapters.attend_flash(q, k, v, flash, scale, dropout_p)
+    return twins.attend(q, k, v, mask, causal, scale, dropout_p)
+
+
+def attend_pair(q1, q2, k, v, mask, causal: bool, scale: float, dropout_p: float = 0.0, flash=None,
+                backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Both maps of differential attention: (attend(q1, k[:, 0], v), attend(q2, k[:, 1], v)).
+    Args: q1, q2 (B, Hq/2, tq, D); k (B, 2, G, tk, D) the two key stripes; v (B, G, tk, Dv)."""
+    if use_fast("attention", backend, (q1, k, v), cuda_adapters.unsupported_flash(q1, k, v, flash, dropout_p)):
+        return (cuda_adapters.attend_flash(q1, k[:, 0], v, flash, scale, dropout_p),
+                cuda_adapters.attend_flash(q2, k[:, 1], v, flash, scale, dropout_p))
+    return twins.attend_pair(q1, q2, k, v, mask, causal, scale, dropout_p)
