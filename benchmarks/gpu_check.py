@@ -133,15 +133,53 @@ def graph_replay(steps: int = 8) -> dict:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             logits = decode_one_token(model, token, graph_cache, static=True)
-        graph_cache.length -= 1  # capture ran the Python side (length += 1) but no kernel (pos unchanged)
+        # Capture ran the Python side (which marks cache.length stale) but no kernel; each replay advances
+        # cache.pos, from which cache.length is re-read when next asked for.
         errs = []
         for t in range(16, 16 + steps):
             token.copy_(ids[:, t])
             graph.replay()
-            graph_cache.length += 1
             eager = decode_one_token(model, ids[:, t], eager_cache)
             errs.append(rel_err(logits.clone(), eager))
     return {"steps": steps, "max_rel_err": max(errs), "ok": max(errs) <= 1e-5}
+
+
+def compiled_decode(steps: int = 8) -> dict:
+    """sambay.compiled.decode_step (torch.compile, fullgraph, mode reduce-overhead) vs the eager decode step:
+    outputs, the compile time, one compilation for every position, and the per-step time ratio."""
+    from helpers import fixture_model
+    from torch._dynamo.utils import counters
+
+    from sambay.compiled import decode_step
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = fixture_model("tiny8").eval().cuda()
+    model.set_backend("auto")  # probes run here, before compiling
+    ids = torch.randint(0, 256, (1, 16 + steps), generator=torch.Generator().manual_seed(0)).cuda()
+    eager_cache, compiled_cache = (model.allocate_cache(1, ids.shape[1]) for _ in range(2))
+    step = decode_step(model, report=False)
+    errs, t_eager, t_comp = [], [], []
+    with torch.no_grad():
+        for c in (eager_cache, compiled_cache):
+            model(ids[:, :16], cache=c)
+        t = time.time()
+        for i in range(16, 16 + steps):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            e = model(ids[:, i:i + 1], cache=eager_cache).logits[:, -1]
+            torch.cuda.synchronize()
+            t1 = time.perf_counter()
+            c = step(ids[:, i], compiled_cache)
+            torch.cuda.synchronize()
+            t2 = time.perf_counter()
+            errs.append(rel_err(c.clone(), e))
+            if i > 17:  # the first two compiled calls compile and record the graph
+                t_eager.append(t1 - t0)
+                t_comp.append(t2 - t1)
+    ratio = sorted(t_eager)[len(t_eager) // 2] / sorted(t_comp)[len(t_comp) // 2]
+    graphs = counters["stats"]["unique_graphs"]
+    return {"steps": steps, "max_rel_err": max(errs), "total_s": time.time() - t, "unique_graphs": graphs,
+            "eager_over_compiled": ratio, "ok": max(errs) <= 1e-4 and graphs == 1}
 
 
 def bench(out_dir: Path) -> dict:
@@ -166,7 +204,7 @@ def main(argv=None) -> int:
         return 2
     report: dict = {}
     steps = [("environment", environment), ("cuda_tests", cuda_tests), ("model_vs_twins", model_vs_twins),
-             ("graph_replay", graph_replay)]
+             ("graph_replay", graph_replay), ("compiled_decode", compiled_decode)]
     if not args.skip_bench:
         steps.append(("bench_gpu", lambda: bench(Path(args.out).resolve().parent / "bench-results")))
     for name, fn in steps:
