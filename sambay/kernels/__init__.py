@@ -18,6 +18,7 @@ from sambay.kernels.ops import (
     attend_pair,
     causal_conv1d,
     causal_conv1d_step,
+    diff_attend,
     gmu,
     selective_scan,
     selective_step,
@@ -25,8 +26,8 @@ from sambay.kernels.ops import (
 )
 from sambay.kernels.reference import gmu_ref, silu_mul_ref
 
-__all__ = ["BACKENDS", "active_backends", "attend", "attend_pair", "causal_conv1d", "causal_conv1d_step", "gmu",
-           "gmu_ref", "has_triton", "selective_scan", "selective_step", "silu_mul", "silu_mul_ref",
+__all__ = ["BACKENDS", "active_backends", "attend", "attend_pair", "causal_conv1d", "causal_conv1d_step", "diff_attend",
+           "gmu", "gmu_ref", "has_triton", "selective_scan", "selective_step", "silu_mul", "silu_mul_ref",
            "triton_interpreter"]
 
 

@@ -5,9 +5,10 @@
     softmax(q_2j k_0g^T * scale) V_g - lam * softmax(q_2j+1 k_1g^T * scale) V_g,     g = j // R
 
 exactly as :func:`sambay.kernels.diff_decode_ref.diff_decode_ref` (the twin, same signature less
-``backend``) defines it, shapes and the fully-masked-row convention included. ``backend="auto"`` sends
-CUDA tensors to the Triton flash-decoding kernel (:mod:`sambay.kernels.diff_decode_triton`) when Triton
-imports and everything else to the twin; the choice is made per call from the tensors' device.
+``backend``) defines it, shapes and the fully-masked-row convention included. The backend is chosen by the
+one dispatcher (:mod:`sambay.kernels.dispatch`, family ``decode``): ``"auto"`` sends CUDA tensors to the
+Triton flash-decoding kernel (:mod:`sambay.kernels.diff_decode_triton`) when Triton imports and everything
+else to the twin, per call from the tensors' device.
 
 This module imports no Triton itself (the kernel module is imported on first use), so importing it is
 safe on a machine without Triton and before ``TRITON_INTERPRET`` is set.
@@ -22,13 +23,11 @@ from typing import NamedTuple
 
 import torch
 
-from sambay.kernels import has_triton, triton_interpreter
 from sambay.kernels.diff_decode_ref import check_diff_decode_args, diff_decode_ref
+from sambay.kernels.dispatch import check_backend, use_fast
 
 __all__ = ["DiffDecodeBytes", "choose_splits", "diff_decode", "diff_decode_bytes", "diff_decode_ref",
            "diff_decode_tiles"]
-
-_BACKENDS = ("auto", "torch", "triton")
 
 # SMs assumed when no CUDA device is there to ask (the interpreter, or counting bytes on a CPU machine):
 # an H100/H200 SXM has 132.
@@ -46,16 +45,16 @@ def diff_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.
         lam: float or one-element tensor (a tensor is read on the device: no host sync, graph-capturable).
         scale: softmax scale.
         backend: "auto" (Triton for CUDA tensors when Triton imports, else the twin), "torch" (the twin),
-            "triton" (the kernel; on CPU tensors only under TRITON_INTERPRET=1, else RuntimeError).
+            "cuda" (the kernel; on CPU tensors only under TRITON_INTERPRET=1, else RuntimeError).
             The kernel has no backward: a call that needs gradients takes the twin under "auto" and
-            raises under "triton".
+            raises under "cuda".
     Returns:
         (B, Hq/2, 2D) in q.dtype.
     """
-    if backend not in _BACKENDS:
-        raise ValueError(f"diff_decode: backend must be one of {_BACKENDS}, got {backend!r}")
+    check_backend(backend)
     check_diff_decode_args(q, k, v, valid, lam)
-    if _use_triton(backend, q, _needs_grad(q, k, v, lam)):
+    no_grad = "an input requires grad and the kernel has no backward (call it under torch.no_grad())"
+    if use_fast("decode", backend, (q, k, v), no_grad if _needs_grad(q, k, v, lam) else None):
         from sambay.kernels.diff_decode_triton import diff_decode_triton
 
         return diff_decode_triton(q, k, v, valid, lam, scale)
@@ -64,24 +63,6 @@ def diff_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.
 
 def _needs_grad(*args) -> bool:
     return torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
-
-
-def _use_triton(backend: str, q: torch.Tensor, needs_grad: bool) -> bool:
-    """Whether this call runs the kernel (all tensors share q's device: checked before)."""
-    if backend == "torch":
-        return False
-    if backend == "auto":
-        return q.is_cuda and has_triton() and not needs_grad
-    if needs_grad:
-        raise RuntimeError("diff_decode: backend='triton' has no backward, but an input requires grad; "
-                           "call it under torch.no_grad() (decode) or use backend='torch'/'auto'")
-    if not has_triton():
-        raise RuntimeError("diff_decode: backend='triton' was requested but triton is not importable; "
-                           "install the 'triton' extra or use backend='torch'")
-    if not q.is_cuda and not triton_interpreter():
-        raise RuntimeError(f"diff_decode: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before "
-                           f"triton is imported), got tensors on {q.device}")
-    return True
 
 
 # ------------------------------------------------------------------------------------- launch geometry

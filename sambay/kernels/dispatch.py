@@ -10,7 +10,8 @@ Vocabulary (:data:`BACKENDS`, the same for every op, layer and ``model.set_backe
 - ``"cuda"``: insist on the fast path; raise ``RuntimeError`` saying why it cannot run.
 
 Op families and their fast paths (:data:`FAST_PATHS`): ``conv`` causal_conv1d, ``scan`` mamba_ssm (the chunk
-scan and its Triton decode step), ``attention`` flash_attn, ``gating`` sambay's own Triton kernels.
+scan and its Triton decode step), ``attention`` flash_attn, ``gating`` and ``decode`` (differential attention
+of one query token, flash-decoding) sambay's own Triton kernels.
 
 Decided per call from the tensors' device, never from a global that changes math. For CPU tensors the decision
 calls no probe and imports nothing, so ``torch.compile(fullgraph=True)`` sees no graph break from dispatch. For
@@ -41,7 +42,9 @@ FAST_PATHS = {
                                         "mamba_ssm.ops.triton.selective_state_update")),
     "attention": ("flash_attn", "flash_attn", ("flash_attn.flash_attn_interface",)),
     "gating": ("triton", "triton", ("triton", "triton.language")),
+    "decode": ("triton", "triton", ("triton", "triton.language")),
 }
+_TRITON_FAMILIES = ("gating", "decode")  # sambay's own Triton kernels: runnable on CPU under the interpreter
 
 # family -> None (available) or the reason it is not; filled by probe(), read as a plain dict lookup.
 _PROBES: dict[str, str | None] = {}
@@ -112,15 +115,15 @@ def use_fast(family: str, backend: str, tensors: tuple[torch.Tensor, ...], unsup
         # CPU tensors: decided here, before any probe or import (compile-safe).
         return cuda and unsupported is None and probe(family) is None
     # backend == "cuda": the caller insists; say exactly why it cannot run.
-    interpreted = family == "gating" and triton_interpreter()
+    interpreted = family in _TRITON_FAMILIES and triton_interpreter()
     if not (cuda or interpreted):
         devices = sorted({str(t.device) for t in tensors})
-        hint = " (or TRITON_INTERPRET=1 set before triton is imported)" if family == "gating" else ""
+        hint = " (or TRITON_INTERPRET=1 set before triton is imported)" if family in _TRITON_FAMILIES else ""
         raise RuntimeError(f"backend='cuda' needs CUDA tensors{hint} for the {family} fast path "
                            f"({FAST_PATHS[family][0]}), got tensors on {devices}")
     reason = probe(family)
     if reason is not None:
-        extra = "install the 'triton' extra" if family == "gating" else "pip install 'sambay[cuda]'"
+        extra = "install the 'triton' extra" if family in _TRITON_FAMILIES else "pip install 'sambay[cuda]'"
         raise RuntimeError(f"backend='cuda' needs {FAST_PATHS[family][0]} for the {family} ops: {reason}; "
                            f"{extra} or use backend='torch'")
     if unsupported is not None:

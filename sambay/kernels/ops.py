@@ -95,3 +95,25 @@ def attend_pair(q1, q2, k, v, mask, causal: bool, scale: float, dropout_p: float
         return (cuda_adapters.attend_flash(q1, k[:, 0], v, flash, scale, dropout_p),
                 cuda_adapters.attend_flash(q2, k[:, 1], v, flash, scale, dropout_p))
     return twins.attend_pair(q1, q2, k, v, mask, causal, scale, dropout_p)
+
+
+def diff_attend(q1, q2, k, v, mask, causal: bool, scale: float, lam, dropout_p: float = 0.0, flash=None,
+                backend: str = "auto") -> torch.Tensor:
+    """Differential attention before the sub-layer norm: attend(q1, k[:, 0], v) - lam * attend(q2, k[:, 1], v).
+
+    Args: q1, q2 (B, Hq/2, tq, D); k (B, 2, G, tk, D); v (B, G, tk, 2D); lam a 0-d tensor. Returns (B, Hq/2, tq, 2D).
+    One decode row (tq = 1, no dropout, no gradient) on CUDA takes the flash-decoding kernel (family ``decode``):
+    both maps from one read of K and V, split over the context; everything else :func:`attend_pair`. Inside
+    torch.compile the kernel is not used (its launcher is plain Python; the compiler fuses the twin instead).
+    """
+    if q1.shape[2] == 1 and dropout_p == 0.0 and not (torch.is_grad_enabled() and q1.requires_grad) \
+            and not torch.compiler.is_compiling() and use_fast("decode", backend, (q1, k, v)):
+        from sambay.kernels.diff_decode import diff_decode
+
+        B, H2, _, D = q1.shape
+        q = torch.stack([q1[:, :, 0], q2[:, :, 0]], dim=2).view(B, 2 * H2, D)  # checkpoint order 2j, 2j+1
+        valid = torch.ones(B, k.shape[-2], dtype=torch.bool, device=k.device) if mask is None else mask[:, 0, 0]
+        with _device_of(q):
+            return diff_decode(q, k, v, valid, lam, scale, backend="cuda")[:, :, None]
+    o1, o2 = attend_pair(q1, q2, k, v, mask, causal, scale, dropout_p, flash, backend)
+    return o1 - lam * o2

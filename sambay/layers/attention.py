@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from sambay.kernels import attend_pair
+from sambay.kernels.ops import diff_attend
 from sambay.kernels.reference import f32
 
 
@@ -98,10 +98,9 @@ class DiffAttentionCore(nn.Module):
         lam = self.lam(q.dtype)
         outs = []
         for c in plan:
-            kk, vv = k[:, :, :, c.k], v[:, :, c.k]
-            o1, o2 = attend_pair(q1[:, :, c.q], q2[:, :, c.q], kk, vv, c.mask, c.causal, self.scale, p, c.flash,
-                                 self.backend)  # (B, Hq/2, tq, 2D) each
-            outs.append(o1 - lam * o2)
+            kk, vv = k[..., c.k, :], v[..., c.k, :]  # time is the second-to-last dim of both
+            outs.append(diff_attend(q1[:, :, c.q], q2[:, :, c.q], kk, vv, c.mask, c.causal, self.scale, lam, p,
+                                    c.flash, self.backend))  # (B, Hq/2, tq, 2D)
         o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
         o = self.subln(o) * (1.0 - self.lambda_init)
         o = o.transpose(1, 2).reshape(B, T, Hq * D)  # diff head j -> heads 2j, 2j+1

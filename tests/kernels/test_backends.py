@@ -72,11 +72,12 @@ def test_cpu_dispatch_calls_no_probe(monkeypatch):
 
 
 def test_active_backends(monkeypatch):
-    assert kernels.active_backends("cpu") == {f: "torch" for f in ("conv", "scan", "attention", "gating")}
+    families = ("conv", "scan", "attention", "gating", "decode")
+    assert kernels.active_backends("cpu") == {f: "torch" for f in families}
     monkeypatch.setattr(dispatch, "_PROBES", {"conv": None, "scan": None, "attention": "flash_attn is not importable",
-                                              "gating": None})
+                                              "gating": None, "decode": None})
     assert kernels.active_backends("cuda:1") == {"conv": "causal_conv1d", "scan": "mamba_ssm", "attention": "torch",
-                                                 "gating": "triton"}
+                                                 "gating": "triton", "decode": "triton"}
 
 
 def test_backends_vocabulary_and_set_backend():

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import importlib
 import math
-import types
 
 import pytest
 import torch
 
 from sambay.cache import FullKV, SlidingKV
+from sambay.kernels import dispatch
 from sambay.kernels.diff_decode import choose_splits, diff_decode, diff_decode_bytes, diff_decode_tiles
 from sambay.kernels.diff_decode_ref import diff_decode_ref
 from sambay.layers.attention import to_reference_layout
@@ -152,7 +152,7 @@ def test_kernel_ring_wrap(interp_device, poison_empty):
     real = torch.ones(B, P, dtype=torch.bool, device=dev)
     real[1, :17] = False                                     # sequence 1 is left-padded: 6 real tokens
     ring = SlidingKV(k=torch.zeros(B, 2, G, W, D, device=dev), v=torch.zeros(B, G, W, 2 * D, device=dev))
-    ring.write(k_new, v_new, 0)
+    ring.update(k_new, v_new, 0)
     pos = ring.positions(P - 1)                              # (W,) position held by each slot
     assert not torch.equal(pos, pos.sort().values)           # the ring has wrapped
     valid = (pos >= 0)[None] & real[:, pos.clamp(min=0)]     # (B, W): in the window and a real token
@@ -169,7 +169,7 @@ def test_kernel_ring_wrap(interp_device, poison_empty):
     # A ring not yet full (5 of 8 slots written): the empty slots are invisible.
     ring.k.zero_()
     ring.v.zero_()
-    ring.write(k_new[:, :, :, :5], v_new[:, :, :5], 0)
+    ring.update(k_new[:, :, :, :5], v_new[:, :, :5], 0)
     pos = ring.positions(4)
     valid = (pos >= 0)[None] & real[:, pos.clamp(min=0)]
     assert (pos < 0).any() and not valid[1].any()            # sequence 1 has no real token yet -> zeros
@@ -187,7 +187,7 @@ def test_kernel_views_of_the_full_cache(interp_device, poison_empty):
     kv = FullKV(k=torch.full((B, 2, G, L, D), 1e4, device=dev), v=torch.full((B, G, L, 2 * D), 1e4, device=dev))
     k_new = _randn(B, T, G, 2, D, seed=20, device=dev).permute(0, 3, 2, 1, 4)
     v_new = _randn(B, T, G, 2 * D, seed=21, device=dev).transpose(1, 2)
-    k, v = kv.write(k_new, v_new, 0)
+    k, v = kv.update(k_new, v_new, 0)
     assert k.shape[3] == T and not k.is_contiguous() and not v.is_contiguous()
     cache_valid = torch.zeros(B, L, dtype=torch.bool, device=dev)
     cache_valid[:, :T] = True
@@ -251,37 +251,37 @@ def test_auto_picks_the_twin_on_cpu(monkeypatch):
 
 
 @pytest.mark.triton
-def test_backend_triton_runs_the_kernel(interp_device, monkeypatch):
+def test_backend_cuda_runs_the_kernel(interp_device, monkeypatch):
     ddt = importlib.import_module("sambay.kernels.diff_decode_triton")
     calls = []
     real = ddt.diff_decode_triton
     monkeypatch.setattr(ddt, "diff_decode_triton", lambda *a: calls.append(1) or real(*a))
     q, k, v, valid = _inputs(1, 4, 2, 17, 16, device=interp_device)
-    out = diff_decode(q, k, v, valid, 0.4, 0.25, backend="triton")
+    out = diff_decode(q, k, v, valid, 0.4, 0.25, backend="cuda")
     assert calls == [1]
     torch.testing.assert_close(out, diff_decode_ref(q, k, v, valid, 0.4, 0.25), **FP32_TOL)
 
 
-def test_backend_triton_on_cpu_without_interpreter_raises(monkeypatch):
-    monkeypatch.setattr(dd, "triton_interpreter", lambda: False)
-    monkeypatch.setattr(dd, "has_triton", lambda: True)
+def test_backend_cuda_on_cpu_without_interpreter_raises(monkeypatch):
+    monkeypatch.setattr(dispatch, "triton_interpreter", lambda: False)
     q, k, v, valid = _inputs(1, 4, 2, 5, 8)
     with pytest.raises(RuntimeError, match="needs CUDA tensors"):
-        diff_decode(q, k, v, valid, 0.4, 0.3, backend="triton")
+        diff_decode(q, k, v, valid, 0.4, 0.3, backend="cuda")
 
 
 def test_gradients_take_the_twin(monkeypatch):
-    """The kernel has no backward: "triton" refuses a call that needs gradients, "auto" would send a CUDA
-    call that needs them to the twin (checked on the selection with a stand-in CUDA tensor), and the
-    twin's gradients flow."""
-    monkeypatch.setattr(dd, "triton_interpreter", lambda: True)
-    monkeypatch.setattr(dd, "has_triton", lambda: True)
+    """The kernel has no backward: "cuda" refuses a call that needs gradients, "auto" sends a CUDA call that
+    needs them to the twin (checked on the dispatcher with the device hook saying CUDA), and the twin's
+    gradients flow."""
+    monkeypatch.setattr(dispatch, "triton_interpreter", lambda: True)
     q, k, v, valid = _inputs(1, 4, 2, 5, 8)
     q.requires_grad_()
     with pytest.raises(RuntimeError, match="no backward"):
-        diff_decode(q, k, v, valid, 0.4, 0.3, backend="triton")
-    cuda_like = types.SimpleNamespace(is_cuda=True, device="cuda:0")
-    assert dd._use_triton("auto", cuda_like, needs_grad=False) and not dd._use_triton("auto", cuda_like, True)
+        diff_decode(q, k, v, valid, 0.4, 0.3, backend="cuda")
+    monkeypatch.setattr(dispatch, "on_cuda", lambda *t: True)
+    monkeypatch.setitem(dispatch._PROBES, "decode", None)
+    assert dispatch.use_fast("decode", "auto", (q,), None) and not dispatch.use_fast("decode", "auto", (q,), "grad")
+    monkeypatch.setattr(dispatch, "on_cuda", lambda *t: False)
     diff_decode(q, k, v, valid, 0.4, 0.3).sum().backward()
     assert q.grad is not None and q.grad.abs().sum() > 0
     with torch.no_grad():
@@ -289,7 +289,7 @@ def test_gradients_take_the_twin(monkeypatch):
 
 
 @pytest.mark.parametrize("bad,match", [
-    (dict(backend="cuda"), "backend must be one of"),
+    (dict(backend="triton"), "backend must be one of"),
     (dict(q=torch.zeros(1, 5, 8)), "Hq=5 must be even"),
     (dict(q=torch.zeros(1, 6, 8)), "multiple of the kv pair count G=2"),
     (dict(k=torch.zeros(1, 2, 2, 5, 4)), "k must be"),
@@ -408,3 +408,38 @@ def test_cuda_bf16_sambay_shapes(B, S):
     out = diff_decode(q, k, v, valid, lam, D ** -0.5)
     _judge_low_precision(out, q, k, v, valid, lam, D ** -0.5)
     assert math.isfinite(out.float().abs().max().item())
+
+
+@pytest.mark.triton
+def test_model_decode_through_the_kernel_equals_the_twin(interp_device, monkeypatch):
+    """The model's decode steps (sliding ring, shared K/V, cross layers; dynamic and static) with the decode
+    family sent to the kernel (as "auto" does on CUDA) equal the same steps on the twins."""
+    from helpers import random_model
+
+    from sambay.kernels import ops
+
+    ddt = importlib.import_module("sambay.kernels.diff_decode_triton")
+    calls = []
+    real_kernel, real_use_fast = ddt.diff_decode_triton, ops.use_fast
+    monkeypatch.setattr(ddt, "diff_decode_triton", lambda *a, **kw: calls.append(1) or real_kernel(*a, **kw))
+    model = random_model(sliding_window=4)
+    ids = torch.randint(0, 64, (2, 12))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, :2] = 0
+
+    def decode(static):
+        cache = model.allocate_cache(2, 12)
+        out = [model(ids[:, :5], mask[:, :5], cache=cache, logits_to_keep=1).logits]
+        out += [model(ids[:, t:t + 1], cache=cache, static=static).logits for t in range(5, 11)]
+        return torch.cat(out, 1)
+
+    with torch.no_grad():
+        ref = decode(False)
+        monkeypatch.setattr(ops, "use_fast", lambda family, backend, tensors, unsupported=None:
+                            family == "decode" or real_use_fast(family, backend, tensors, unsupported))
+        for static in (False, True):
+            n = len(calls)
+            torch.testing.assert_close(decode(static), ref, rtol=1e-4, atol=1e-5)
+            # 6 steps x (2 sliding + 1 full + 1 cross layers), and the prefill's full and cross layers, whose one
+            # kept row (logits_to_keep=1, the YOCO skip) is a single query too.
+            assert len(calls) - n == 6 * 4 + 2
