@@ -1,7 +1,8 @@
-"""Shared test helpers: fixture loading and dtype-aware comparisons."""
+"""Shared test helpers: fixtures, the tiny configs, random weights and error measures (one definition each)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -39,13 +40,45 @@ def assert_close(name: str, out: torch.Tensor, ref: torch.Tensor, tol: float) ->
 
 
 def random_config(**overrides):
-    """A small random-weight config (HF keys), the released layout, for property sweeps."""
+    """configs/sambay-tiny.json (the released layout at toy size: 8 layers, hidden 32, window 5) with overrides,
+    for random-weight property sweeps."""
     from sambay import SambaYConfig
 
-    base = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=8, num_attention_heads=4,
-                num_key_value_heads=2, sliding_window=5)
+    base = json.loads((CONFIGS / "sambay-tiny.json").read_text())
     base.update(overrides)
     return SambaYConfig.from_dict(base)
+
+
+# The smallest config that still has every layer role (gradcheck: every Jacobian entry is a forward pass).
+MICRO = {"vocab_size": 11, "hidden_size": 4, "intermediate_size": 3, "num_hidden_layers": 8, "num_attention_heads": 2,
+         "num_key_value_heads": 2, "sliding_window": 2, "mamba_d_state": 2, "mamba_d_conv": 2, "mamba_expand": 1,
+         "mamba_dt_rank": 1}
+
+
+def randomize(module: torch.nn.Module, seed: int, vector_std: float = 0.1, dtype: torch.dtype | None = None,
+              mamba_ranges: bool = False) -> torch.nn.Module:
+    """O(1) random weights for a layer so that no path is numerically negligible: matrices N(0, 1/fan_in),
+    vectors N(0, vector_std). mamba_ranges: A in [-e^2, -1] and dt biases in [-3, -1] (softplus far from its
+    threshold), for gradcheck."""
+    torch.manual_seed(seed)
+    if dtype is not None:
+        module = module.to(dtype)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if mamba_ranges and name.endswith("A_log"):
+                p.copy_(torch.rand_like(p) * 2)
+            elif mamba_ranges and name.endswith("dt_proj.bias"):
+                p.uniform_(-3, -1)
+            elif p.dim() == 1:
+                p.normal_(0, vector_std)
+            else:
+                p.normal_(0, p.shape[-1] ** -0.5)
+    return module
+
+
+def max_abs_err(actual: torch.Tensor, exact: torch.Tensor) -> float:
+    """max |actual - exact| in float64."""
+    return (actual.double() - exact.double()).abs().max().item()
 
 
 def random_model(seed: int = 0, dtype=torch.float32, **overrides) -> SambaYForCausalLM:

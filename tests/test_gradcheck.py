@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch.autograd import gradcheck
 from torch.autograd.gradcheck import GradcheckError
+from helpers import MICRO, random_config, randomize
 from torch.func import functional_call
 
 from sambay import SambaYConfig, SambaYForCausalLM
@@ -23,30 +24,14 @@ CPU = torch.device("cpu")
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
+def _one_thread(one_thread):
     """Tiny tensors gain nothing from intra-op threads, and on a busy 2-core machine the OpenMP spin-waits
     make each of gradcheck's hundreds of forwards 10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _randomize(module: torch.nn.Module, seed: int) -> torch.nn.Module:
     """float64, with O(1) weights so that no path is numerically negligible."""
-    torch.manual_seed(seed)
-    module = module.double()
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if name.endswith("A_log"):
-                p.copy_(torch.rand_like(p) * 2)  # A in [-e^2, -1]
-            elif name.endswith("dt_proj.bias"):
-                p.uniform_(-3, -1)  # softplus well below its threshold of 20
-            elif p.dim() == 1:
-                p.normal_(0, 0.3)
-            else:
-                p.normal_(0, p.shape[-1] ** -0.5)
-    return module
+    return randomize(module, seed, vector_std=0.3, dtype=F64, mamba_ranges=True)
 
 
 def _check(module: torch.nn.Module, fn, *inputs: torch.Tensor, fast: bool = False, only=None) -> None:
@@ -153,11 +138,7 @@ def test_mlp_gradcheck():
 
 
 def _tiny_config(**overrides) -> SambaYConfig:
-    base = {"vocab_size": 11, "hidden_size": 4, "intermediate_size": 3, "num_hidden_layers": 8,
-            "num_attention_heads": 2, "num_key_value_heads": 2, "sliding_window": 2, "mamba_d_state": 2,
-            "mamba_d_conv": 2, "mamba_expand": 1, "mamba_dt_rank": 1}
-    base.update(overrides)
-    return SambaYConfig.from_dict(base)
+    return random_config(**{**MICRO, **overrides})
 
 
 @pytest.mark.parametrize("pad", [pytest.param(0, id="unpadded"), pytest.param(2, id="left-padded")])

@@ -5,6 +5,7 @@ any CUDA machine with the ``cuda`` extra installed (bf16, realistic shapes, judg
 
 import pytest
 import torch
+from helpers import rel_err
 
 from sambay import kernels
 from sambay.kernels import cuda_adapters, dispatch, twins
@@ -68,10 +69,6 @@ def test_model_backend_torch_reaches_every_layer():
         model.set_backend("fast")
 
 
-def _err(out, ref):
-    return float((out.float() - ref.float()).abs().max() / ref.float().abs().max())
-
-
 cuda = pytest.mark.cuda
 
 
@@ -83,8 +80,8 @@ def test_selective_scan_cuda_matches_twin():
     ref32, last32 = selective_scan_ref(x.float(), delta, A, Bm.float(), Cm.float(), D, z=z.float())
     ref16, _ = selective_scan_ref(x, delta, A, Bm, Cm, D, z=z)
     out, last = mamba_ops.selective_scan(x, delta, A, Bm, Cm, D, z=z, backend="cuda")
-    assert _err(out, ref32) <= 2 * _err(ref16, ref32) + 1e-3
-    assert _err(last, last32) <= 1e-3
+    assert rel_err(out, ref32) <= 2 * rel_err(ref16, ref32) + 1e-3
+    assert rel_err(last, last32) <= 1e-3
 
 
 @cuda
@@ -95,7 +92,7 @@ def test_selective_step_cuda_matches_twin():
     s_ref = state.clone()
     ref = selective_step_ref(s_ref, x[:, 0], delta[:, 0], A, Bm[:, 0], Cm[:, 0], D, z=z[:, 0])
     out = mamba_ops.selective_step(state, x[:, 0], delta[:, 0], A, Bm[:, 0], Cm[:, 0], D, z=z[:, 0], backend="cuda")
-    assert _err(out, ref) <= 1e-2 and _err(state, s_ref) <= 1e-5
+    assert rel_err(out, ref) <= 1e-2 and rel_err(state, s_ref) <= 1e-5
 
 
 @cuda
@@ -104,11 +101,11 @@ def test_causal_conv1d_cuda_matches_twin():
     h = torch.randn(2, 2048, 3 + 512, device="cuda", dtype=torch.bfloat16)
     w, b = torch.randn(2048, 4, device="cuda", dtype=torch.bfloat16), torch.randn(2048, device="cuda")
     b = b.to(torch.bfloat16)
-    assert _err(mamba_ops.causal_conv1d(h, w, b, backend="cuda"), causal_conv1d_ref(h, w, b)) <= 1e-2
+    assert rel_err(mamba_ops.causal_conv1d(h, w, b, backend="cuda"), causal_conv1d_ref(h, w, b)) <= 1e-2
     state, x = torch.randn(2, 2048, 3, device="cuda", dtype=torch.bfloat16), h[:, :, 0]
     s_ref = state.clone()
     ref = causal_conv1d_step_ref(s_ref, x, w, b)
-    assert _err(mamba_ops.causal_conv1d_step(state, x, w, b, backend="cuda"), ref) <= 1e-2
+    assert rel_err(mamba_ops.causal_conv1d_step(state, x, w, b, backend="cuda"), ref) <= 1e-2
     assert torch.equal(state, s_ref)
 
 
@@ -131,7 +128,7 @@ def test_flash_attention_matches_twin(tq, tk, flash):
     bf = [t.bfloat16() for t in (q, k, v)]
     ref16 = attention_ops_attend_ref(*bf, mask, False, 0.125)
     out = attention_ops.attend(*bf, None, False, 0.125, flash=flash, backend="cuda")
-    assert _err(out, ref32) <= 2 * _err(ref16, ref32) + 1e-3
+    assert rel_err(out, ref32) <= 2 * rel_err(ref16, ref32) + 1e-3
 
 
 @cuda
@@ -146,7 +143,7 @@ def test_model_on_cuda_matches_cpu_twins():
         model.set_backend("torch")
         twin = model(ids).logits.float().cpu()
     ref = fixture_model("small16")(inp["input_ids"]).logits.detach()
-    assert _err(fast, ref) <= 2 * _err(twin, ref) + 1e-2
+    assert rel_err(fast, ref) <= 2 * rel_err(twin, ref) + 1e-2
     del mask, exp
 
 
@@ -170,7 +167,7 @@ def test_matmul_attention_for_few_rows_equals_sdpa(tq, tk, masked, causal, dtype
     out = twins._attend_matmul(q.to(dtype), k.to(dtype), v.to(dtype), mask, causal, 0.3)
     assert out.dtype == dtype
     tol = 1e-2 if dtype == torch.bfloat16 else 1e-6
-    assert _err(out.double(), ref) <= tol
+    assert rel_err(out.double(), ref) <= tol
     assert twins._MATMUL_ROWS >= 1  # decode (tq=1) always takes this path on the CPU
 
 
@@ -183,4 +180,4 @@ def test_attend_pair_reads_v_once_and_equals_two_calls(tq, masked):
     o1, o2 = attention_ops.attend_pair(q1, q2, k, v, mask, False, 0.35)
     r1 = torch.nn.functional.scaled_dot_product_attention(q1, k[:, 0], v, attn_mask=mask, scale=0.35, enable_gqa=True)
     r2 = torch.nn.functional.scaled_dot_product_attention(q2, k[:, 1], v, attn_mask=mask, scale=0.35, enable_gqa=True)
-    assert _err(o1, r1) <= 1e-6 and _err(o2, r2) <= 1e-6
+    assert rel_err(o1, r1) <= 1e-6 and rel_err(o2, r2) <= 1e-6

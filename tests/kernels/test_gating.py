@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+from helpers import max_abs_err
 
 pytest.importorskip("triton")
 
@@ -287,10 +288,6 @@ def test_gpu_codegen_vectorizes(gpu_codegen):
 
 
 # --------------------------------------------------------------------------------------------------- CUDA
-def _err(actual, exact):
-    return (actual.double() - exact.double()).abs().max().item()
-
-
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("rows,c", [pytest.param(4096, 4096, id="16M-elements"),
@@ -318,8 +315,8 @@ def test_cuda_bf16_realistic(rows, c, within_ulps):
     (out_t, grad_t), (out_r, grad_r) = results["triton"], results["torch"]
     assert not out_t.isnan().any() and not grad_t.isnan().any()
     assert within_ulps(out_t, out_r, 1)
-    assert _err(out_t, exact) <= 2 * _err(out_r, exact) + 1e-6
-    assert _err(grad_t, u32.grad) <= 2 * _err(grad_r, u32.grad) + 1e-6
+    assert max_abs_err(out_t, exact) <= 2 * max_abs_err(out_r, exact) + 1e-6
+    assert max_abs_err(grad_t, u32.grad) <= 2 * max_abs_err(grad_r, u32.grad) + 1e-6
 
 
 @pytest.mark.cuda

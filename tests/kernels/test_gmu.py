@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import max_abs_err
 
 pytest.importorskip("triton")
 import triton.language as tl
@@ -108,10 +109,6 @@ def _exact(x, w, m):
     return F.silu(x.double() @ w.double().t()) * m.double()
 
 
-def _err(actual, exact):
-    return (actual.double() - exact.double()).abs().max().item()
-
-
 def _judge(actual, twin, exact, dtype):
     """Inputs in fp32: agree with the twin to summation order. Inputs in half precision (``dtype``; an
     fp32 memory's gradient still carries it): no worse than 2x the twin's error against the exact math,
@@ -123,8 +120,8 @@ def _judge(actual, twin, exact, dtype):
         torch.testing.assert_close(actual, twin, rtol=1e-5, atol=1e-5 * max(scale, 1.0))
     else:
         slack = torch.finfo(dtype).eps * exact.abs().max().item()
-        assert _err(actual, exact) <= 2 * _err(twin, exact) + slack, \
-            f"kernel err {_err(actual, exact):.3g} vs twin err {_err(twin, exact):.3g}"
+        assert max_abs_err(actual, exact) <= 2 * max_abs_err(twin, exact) + slack, \
+            f"kernel err {max_abs_err(actual, exact):.3g} vs twin err {max_abs_err(twin, exact):.3g}"
 
 
 # ------------------------------------------------------------------------------------------------ forward

@@ -1,17 +1,13 @@
 import pytest
 import torch
-from helpers import assert_close
+from helpers import assert_close, randomize
 
 from sambay.layers import Attention, CrossAttention, to_reference_layout
 from sambay.masks import prefix_plan, sliding_plan
 
 
 def _init(module, seed):
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.normal_(0, 0.1 if p.dim() == 1 else p.shape[-1] ** -0.5)
-    return module.double()
+    return randomize(module, seed, vector_std=0.1, dtype=torch.float64)
 
 
 def _naive_diff_attention(q, k, v, core, visible):
