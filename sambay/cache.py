@@ -179,6 +179,16 @@ class SambaYCache:
                 for t in vars(layer).values():
                     t.zero_()
 
+    def seek(self, length: int) -> None:
+        """Declare positions [0, length) real tokens already written, leaving every buffer untouched:
+        ``valid[:, :length] = True``, ``length = pos = length``. For benchmarks that fill the state with
+        random values instead of prefilling ``length`` tokens."""
+        if not 0 <= length <= self.max_length:
+            raise ValueError(f"cache.seek: expected 0 <= length <= max_length={self.max_length}, got {length}")
+        self.valid[:, :length] = True
+        self.length = length
+        self.pos.fill_(length)
+
     def check(self, batch_size: int, new_tokens: int, dtype: torch.dtype, device: torch.device) -> None:
         """Raise a clear error if a call of ``new_tokens`` tokens cannot continue this cache."""
         if batch_size != self.batch_size:

@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: the checkpoint's)")
     g.add_argument("--device", default="cuda" if _cuda() else "cpu")
     g.set_defaults(func=_generate)
-    b = sub.add_parser("bench", help="sambay against a same-shape transformer (see benchmarks/)")
+    b = sub.add_parser("bench", help="sambay side by side with a same-shape transformer (targets: benchmarks/run.py)")
     from sambay.bench import add_arguments
 
     add_arguments(b)
