@@ -6,6 +6,7 @@
 
 from sambay.bench.command import add_arguments, run, table, write_json
 from sambay.bench.measure import (
+    decode_latency_seconds,
     decode_state_bytes,
     decode_step_seconds,
     load_peak_rss,
@@ -17,8 +18,8 @@ from sambay.bench.subjects import CONFIGS, Phi3, SambaY, load_config, phi3_confi
 from sambay.bench.timing import bootstrap, describe, interleaved, machine, median, ratio
 
 __all__ = [
-    "CONFIGS", "Phi3", "SambaY", "add_arguments", "bootstrap", "decode_state_bytes", "decode_step_seconds",
-    "describe", "interleaved", "load_config", "load_peak_rss", "machine", "median", "phi3_config",
-    "prefill_seconds", "ratio", "run", "shape", "sliding_layer_seconds", "table", "write_json",
+    "CONFIGS", "Phi3", "SambaY", "add_arguments", "bootstrap", "decode_latency_seconds", "decode_state_bytes",
+    "decode_step_seconds", "describe", "interleaved", "load_config", "load_peak_rss", "machine", "median",
+    "phi3_config", "prefill_seconds", "ratio", "run", "shape", "sliding_layer_seconds", "table", "write_json",
     "yoco_prefill_seconds",
 ]

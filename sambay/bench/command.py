@@ -76,7 +76,15 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.threads > 1 and not os.environ.get("OMP_WAIT_POLICY"):
         return _respawn_with_passive_openmp(args)
+    threads_before = torch.get_num_threads()
     torch.set_num_threads(args.threads)
+    try:
+        return _run(args, device, plan, sizes, config)
+    finally:
+        torch.set_num_threads(threads_before)  # in-process callers (tests) get their setting back
+
+
+def _run(args: argparse.Namespace, device: str, plan: dict, sizes: dict, config: dict) -> int:
     start = time.perf_counter()
     dtype = getattr(torch, plan["dtype"])
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import os
 import subprocess
 import sys
@@ -36,6 +37,34 @@ def decode_step_seconds(subjects: list, batch: int, context: int, repeats: int, 
     del states, fns
     _free()
     return {"batch": batch, "context": context, "steps": steps, "samples_s": samples}
+
+
+@torch.inference_mode()
+def decode_latency_seconds(subjects: list, prompt: int, lengths: list[int], warmup: int = 2) -> dict:
+    """Cumulative decode time (batch 1) after a random ``prompt``-token decode state, read after each of
+    ``lengths`` generated tokens; the subjects take turns in chunks of gcd(lengths) steps."""
+    lengths = sorted(lengths)
+    chunk = math.gcd(*lengths)
+    states = {s.name: s.random_decode_state(1, prompt, lengths[-1] + warmup + 1) for s in subjects}
+    for s in subjects:
+        for _ in range(warmup):
+            s.decode_step(states[s.name])
+    total = {s.name: 0.0 for s in subjects}
+    latency = {s.name: [] for s in subjects}
+    for i, g in enumerate(range(chunk, lengths[-1] + 1, chunk)):
+        for s in subjects if i % 2 == 0 else subjects[::-1]:
+            synchronize(s.device)
+            t0 = time.perf_counter()
+            for _ in range(chunk):
+                s.decode_step(states[s.name])
+            synchronize(s.device)
+            total[s.name] += time.perf_counter() - t0
+        if g in lengths:
+            for n in total:
+                latency[n].append(total[n])
+    del states
+    _free()
+    return {"prompt": prompt, "lengths": lengths, "latency_s": latency}
 
 
 @torch.inference_mode()
