@@ -32,8 +32,7 @@ def make_all(results: dict, out: Path) -> list[Path]:
     subtitle = f"{results['model']}\nfloat32, {results['machine']['threads']} threads"
     written = []
     decode = [m for m in by_kind.get("decode", []) if "phi3" in m["samples_s"]]
-    c1 = sorted((m for m in decode if m["batch"] == 1 and m["context"] in results["plan"]["c1"]),
-                key=lambda m: m["context"])
+    c1 = [p for m in by_kind.get("sweep", []) for p in m["points"] if "phi3" in p["samples_s"]]
     fits = results["verdicts"].get("c1_slope_ratio", {}).get("detail", {})
     if c1:
         fig, ax = _figure(plt, "Decode-step time vs context (batch 1), lines fitted to the medians (C1)", subtitle)

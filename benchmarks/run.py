@@ -60,6 +60,8 @@ class Measurements:
 
     def _take(self, key: tuple) -> dict:
         p, kind = self.plan, key[0]
+        if kind == "sweep":
+            return sb.decode_step_seconds_vs_context(self.subjects, list(key[1]), p["repeats"], p["steps"])
         if kind == "decode":
             return sb.decode_step_seconds(self.subjects, key[1], key[2], p["repeats"], p["steps"])
         if kind == "prefill":
@@ -78,22 +80,29 @@ class Measurements:
         return self.m[key]
 
     def extend(self, key: tuple) -> None:
-        more = self._take(key)
-        for field in ("samples_s", "whole_step_samples_s"):
-            for name, xs in more.get(field, {}).items():
-                self.m[key][field][name] += xs
+        old, more = self.m[key], self._take(key)
+        for mine, new in zip(old.get("points", [old]), more.get("points", [more])):
+            for field in ("samples_s", "whole_step_samples_s"):
+                for name, xs in new.get(field, {}).items():
+                    mine[field][name] += xs
         self.log(f"{' '.join(map(str, key))} with more repeats: {_medians(self.m[key])}")
 
 
 def _medians(m: dict) -> str:
+    if "points" in m:
+        return "; ".join(f"N={p['context']}: {_medians(p)}" for p in m["points"])
     return ", ".join(f"{n} {1e3 * sb.median(v):.2f} ms" for n, v in m["samples_s"].items())
+
+
+def repeats(m: dict) -> int:
+    return min(len(v) for p in m.get("points", [m]) for v in p.get("samples_s", {}).values())
 
 
 def estimators(plan: dict, released: dict) -> dict:
     """key -> (sections, a function of Measurements giving the estimate)."""
     c4 = plan["c4"]
     out = {
-        "c1_slope_ratio": ("c1", lambda m: T.c1_slope_ratio([m("decode", 1, n) for n in plan["c1"]])),
+        "c1_slope_ratio": ("c1", lambda m: T.c1_slope_ratio(m("sweep", plan["c1"])["points"], joint=True)),
         "c2_ratio_4k": ("c2", lambda m: T.c2_state_ratio(released, 4096)),
         "c2_ratio_32k": ("c2", lambda m: T.c2_state_ratio(released, 32768)),
         "c3_skip_ratio": ("c3", lambda m: T.c3_skip_ratio(m("yoco", plan["c3"]))),
@@ -131,7 +140,7 @@ def judge_all(keys: list[str], est_fns: dict, m: Measurements, rounds: int, log,
             for k in used:
                 m.extend(k)
         if key not in errors:
-            n = min((len(x) for k in used for x in m.m[k].get("samples_s", {}).values()), default=0)
+            n = min((repeats(m.m[k]) for k in used), default=0)
             verdicts[key] = {"value": est.value, "interval": list(est.interval), "measured_at": est.measured_at,
                              "repeats": n, "verdict": verdict, "reason": reason, "detail": est.detail}
     return verdicts

@@ -15,8 +15,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from sambay.bench import bootstrap, median
 
 PASS, MISSED, INCONCLUSIVE, NOT_AT_SIZE = "PASS", "MISSED", "INCONCLUSIVE", "NOT MEASURED AT TARGET SIZE"
@@ -92,20 +90,24 @@ def judge(target: Target, est: Estimate | None) -> tuple[str, str]:
 
 def linear_fit(xs, ys) -> tuple[float, float, float]:
     """Least squares y = a + b x: (a, b, R^2)."""
-    xs, ys = np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
-    b, a = np.polyfit(xs, ys, 1)
-    ss = float(((ys - ys.mean()) ** 2).sum())
-    r2 = 1 - float(((ys - a - b * xs) ** 2).sum()) / ss if ss > 0 else 0.0
-    return float(a), float(b), r2
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    syy = sum((y - my) ** 2 for y in ys)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+    a = my - b * mx
+    r2 = 1 - sum((y - a - b * x) ** 2 for x, y in zip(xs, ys)) / syy if syy > 0 else 0.0
+    return a, b, r2
 
 
 def _exact(value: float, measured_at: str, **kw) -> Estimate:
     return Estimate(value, (value, value), measured_at, **kw)
 
 
-def c1_slope_ratio(points: list[dict]) -> Estimate:
+def c1_slope_ratio(points: list[dict], joint: bool = False) -> Estimate:
     """points: ``decode_step_seconds`` results at batch 1, one per context. b_sambay / b_phi3 of the lines
-    t = a + b N through the medians; the interval resamples the repeats of every point."""
+    t = a + b N through the medians; the interval resamples the repeats of every point (``joint``: with the
+    same indices at every point, for the points of one sweep, ``decode_step_seconds_vs_context``)."""
     points = sorted(points, key=lambda p: p["context"])
     xs = [p["context"] for p in points]
     groups = [p["samples_s"] for p in points]
@@ -116,7 +118,7 @@ def c1_slope_ratio(points: list[dict]) -> Estimate:
     fits = {n: linear_fit(xs, [median(g[n]) for g in groups]) for n in ("sambay", "phi3")}
     problems = [f"{n} slope {1e9 * b:.3g} ns/token is not positive" for n, (_, b, _) in fits.items() if b <= 0]
     problems += [f"{n} line fits poorly (R^2 {r2:.2f} < {MIN_R2})" for n, (_, _, r2) in fits.items() if r2 < MIN_R2]
-    return Estimate(fits["sambay"][1] / fits["phi3"][1], bootstrap(slope_ratio, groups), f"N={','.join(map(str, xs))}",
+    return Estimate(fits["sambay"][1] / fits["phi3"][1], bootstrap(slope_ratio, groups, joint=joint), f"N={','.join(map(str, xs))}",
                     at_target_size=len(xs) >= 3 and xs[0] <= 512 and xs[-1] >= 16384, problems=problems,
                     detail={n: {"a_s": a, "b_s_per_token": b, "r2": r2} for n, (a, b, r2) in fits.items()})
 

@@ -96,6 +96,19 @@ def test_bootstrap_pairs_the_samples_of_one_repeat():
         sb.bootstrap(lambda m: 0.0, [{"a": [1.0, 2.0], "b": [1.0]}])
 
 
+def test_joint_bootstrap_keeps_a_sweep_together():
+    # One sweep over two points per repeat: a slow phase scales both points, so their ratio is exact only
+    # when the points are resampled with the same indices.
+    phases = [1.0, 3.0, 1.5, 5.0, 2.0, 1.2, 4.0]
+    groups = [{"t": [1.0 * p for p in phases]}, {"t": [2.0 * p for p in phases]}]
+    growth = lambda m: m[1]["t"] / m[0]["t"]  # noqa: E731
+    assert sb.bootstrap(growth, groups, joint=True) == pytest.approx((2.0, 2.0))
+    lo, hi = sb.bootstrap(growth, groups)
+    assert lo < 1.8 and hi > 2.2
+    with pytest.raises(ValueError, match="same number of repeats"):
+        sb.bootstrap(growth, [{"t": [1.0, 2.0]}, {"t": [1.0, 2.0, 3.0]}], joint=True)
+
+
 # --------------------------------------------------------------------------------------- verdict rules
 def _est(targets, lo, hi, **kw):
     return targets.Estimate((lo + hi) / 2, (lo, hi), "synthetic", **kw)

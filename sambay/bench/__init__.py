@@ -9,6 +9,7 @@ from sambay.bench.measure import (
     decode_latency_seconds,
     decode_state_bytes,
     decode_step_seconds,
+    decode_step_seconds_vs_context,
     load_peak_rss,
     prefill_seconds,
     sliding_layer_seconds,
@@ -19,7 +20,7 @@ from sambay.bench.timing import bootstrap, describe, interleaved, machine, media
 
 __all__ = [
     "CONFIGS", "Phi3", "SambaY", "add_arguments", "bootstrap", "decode_latency_seconds", "decode_state_bytes",
-    "decode_step_seconds", "describe", "interleaved", "load_config", "load_peak_rss", "machine", "median",
-    "phi3_config", "prefill_seconds", "ratio", "run", "shape", "sliding_layer_seconds", "table", "write_json",
-    "yoco_prefill_seconds",
+    "decode_step_seconds", "decode_step_seconds_vs_context", "describe", "interleaved", "load_config",
+    "load_peak_rss", "machine", "median", "phi3_config", "prefill_seconds", "ratio", "run", "shape",
+    "sliding_layer_seconds", "table", "write_json", "yoco_prefill_seconds",
 ]

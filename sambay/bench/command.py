@@ -16,7 +16,12 @@ from pathlib import Path
 
 import torch
 
-from sambay.bench.measure import decode_state_bytes, decode_step_seconds, prefill_seconds
+from sambay.bench.measure import (
+    decode_state_bytes,
+    decode_step_seconds,
+    decode_step_seconds_vs_context,
+    prefill_seconds,
+)
 from sambay.bench.subjects import CONFIGS, Phi3, SambaY, load_config, num_params, shape
 from sambay.bench.timing import describe, machine, median, ratio
 
@@ -96,11 +101,14 @@ def _run(args: argparse.Namespace, device: str, plan: dict, sizes: dict, config:
     log = lambda msg: print(f"[{time.perf_counter() - start:6.1f}s] {msg}", file=sys.stderr, flush=True)  # noqa: E731
     log(f"{describe(info)}\nmodel: {shape(config)}, {plan['dtype']}")
     R, steps = plan["repeats"], plan["steps"]
-    decode = []
-    points = [(1, n) for n in sizes["contexts"]] + [(b, BATCH_CONTEXT) for b in sizes["batches"]]
-    for batch, context in dict.fromkeys(points):
-        decode.append(decode_step_seconds(subjects, batch, context, R, steps))
-        log(f"decode step, batch {batch}, context {context}: {_side_by_side(decode[-1]['samples_s'])}")
+    decode = decode_step_seconds_vs_context(subjects, sizes["contexts"], R, steps)["points"]
+    for d in decode:
+        log(f"decode step, batch 1, context {d['context']}: {_side_by_side(d['samples_s'])}")
+    for batch in sizes["batches"]:
+        if batch == 1 and BATCH_CONTEXT in sizes["contexts"]:
+            continue
+        decode.append(decode_step_seconds(subjects, batch, BATCH_CONTEXT, R, steps))
+        log(f"decode step, batch {batch}, context {BATCH_CONTEXT}: {_side_by_side(decode[-1]['samples_s'])}")
     prefill = []
     for tokens in sizes["prompts"]:
         prefill.append(prefill_seconds(subjects, tokens, max(2, R // 2)))

@@ -40,6 +40,23 @@ def decode_step_seconds(subjects: list, batch: int, context: int, repeats: int, 
 
 
 @torch.inference_mode()
+def decode_step_seconds_vs_context(subjects: list, contexts: list[int], repeats: int, steps: int = 1,
+                                   warmup: int = 2) -> dict:
+    """``decode_step_seconds`` at batch 1 for each of ``contexts``, every repeat sweeping all (context,
+    subject) pairs in alternating order: a slow phase of the machine then spreads over the whole line instead
+    of bending it at one point. Returns {"points": [one decode_step_seconds-shaped dict per context]}."""
+    room = warmup + repeats * steps + 1
+    states = {f"{n}/{s.name}": s.random_decode_state(1, n, room) for n in contexts for s in subjects}
+    fns = {f"{n}/{s.name}": (lambda k=f"{n}/{s.name}", s=s: s.decode_step(states[k])) for n in contexts
+           for s in subjects}
+    samples = interleaved(fns, repeats, inner=steps, warmup=warmup, device=subjects[0].device)
+    del states, fns
+    _free()
+    return {"points": [{"batch": 1, "context": n, "steps": steps,
+                        "samples_s": {s.name: samples[f"{n}/{s.name}"] for s in subjects}} for n in contexts]}
+
+
+@torch.inference_mode()
 def decode_latency_seconds(subjects: list, prompt: int, lengths: list[int], warmup: int = 2) -> dict:
     """Cumulative decode time (batch 1) after a random ``prompt``-token decode state, read after each of
     ``lengths`` generated tokens; the subjects take turns in chunks of gcd(lengths) steps."""

@@ -41,18 +41,24 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int, inner: int =
 
 
 def bootstrap(statistic: Callable[[list[dict[str, float]]], float], groups: list[dict[str, list[float]]],
-              level: float = 0.95, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+              level: float = 0.95, resamples: int = 2000, seed: int = 0, joint: bool = False) -> tuple[float, float]:
     """Percentile interval of ``statistic(medians)``, where ``medians[i][name]`` is the median of a resample
     (with replacement) of ``groups[i][name]``. Within a group every subject is resampled with the same
-    indices (the samples of one interleaved repeat are a pair), so all lists of a group have one length."""
+    indices (the samples of one interleaved repeat are a pair), so all lists of a group have one length;
+    ``joint``: every group too (one sweep over all groups per repeat)."""
     rng = np.random.default_rng(seed)
-    drawn = []  # per group: {name: (resamples,) medians}
+    drawn, idx = [], None  # per group: {name: (resamples,) medians}
     for g in groups:
         lengths = {len(v) for v in g.values()}
         if len(lengths) != 1 or 0 in lengths:
             raise ValueError(f"bootstrap: a group's sample lists must be non-empty and of one length, got {lengths}")
-        idx = rng.integers(0, lengths.pop(), size=(resamples, len(next(iter(g.values())))))
-        drawn.append({n: np.median(np.asarray(v, dtype=float)[idx], axis=1) for n, v in g.items()})
+        n = lengths.pop()
+        if idx is None or not joint:
+            idx = rng.integers(0, n, size=(resamples, n))
+        elif idx.shape[1] != n:
+            raise ValueError(f"bootstrap(joint=True): every group needs the same number of repeats, got {n} and "
+                             f"{idx.shape[1]}")
+        drawn.append({k: np.median(np.asarray(v, dtype=float)[idx], axis=1) for k, v in g.items()})
     values = np.array([statistic([{n: float(m[n][i]) for n in m} for m in drawn]) for i in range(resamples)])
     values = values[np.isfinite(values)]
     if values.size == 0:
