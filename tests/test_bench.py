@@ -78,7 +78,8 @@ def test_sambay_bench_with_two_threads_runs_in_a_child_with_passive_openmp(tmp_p
     pytest.importorskip("transformers")
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
-    proc = subprocess.run([sys.executable, "-m", "sambay.cli", "bench", *TINY_SIZES, "--threads", "2",
+    small = ["--config", TINY, "--contexts", "16", "--batches", "1", "--prompts", "8", "--repeats", "1"]
+    proc = subprocess.run([sys.executable, "-m", "sambay.cli", "bench", *small, "--threads", "2",
                            "--out", str(tmp_path)], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     r = json.loads((tmp_path / "results.json").read_text())
