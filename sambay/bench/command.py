@@ -160,7 +160,7 @@ def _cells(samples: dict) -> tuple[str, str, str]:
 
 
 def _ms(s: float) -> str:
-    return f"{1e3 * s:.2f} ms" if s < 10 else f"{s:.2f} s"
+    return f"{1e3 * s:.2f} ms" if s < 1 else f"{s:.3f} s"
 
 
 def write_json(path: Path, obj) -> None:
