@@ -284,3 +284,22 @@ def test_gpu_script_runs_on_cpu_with_a_tiny_model(bench_scripts, tmp_path, capsy
         assert r["verdicts"][key]["verdict"] == "NOT MEASURED AT TARGET SIZE", key  # tiny sizes judge nothing
     out = capsys.readouterr().out
     assert all(g in out for g in ("G1", "G2", "G3", "G6"))
+
+
+def test_cache_seek_declares_positions_written_and_leaves_buffers_alone():
+    """Benchmarks set a random decode state to a length with ``cache.seek`` (never by assigning length)."""
+    from sambay import SambaYCache
+
+    cfg = SambaYConfig.from_dict(sb.load_config(TINY))
+    cache = SambaYCache(cfg, 2, 16)
+    for layer in cache.layers:
+        for t in vars(layer).values() if layer is not None else ():
+            t.normal_()
+    before = [t.clone() for layer in cache.layers if layer is not None for t in vars(layer).values()]
+    cache.seek(5)
+    assert cache.length == 5 and cache.pos.tolist() == [5]
+    assert cache.valid[:, :5].all() and not cache.valid[:, 5:].any()
+    after = [t for layer in cache.layers if layer is not None for t in vars(layer).values()]
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    with pytest.raises(ValueError, match="max_length=16"):
+        cache.seek(17)
