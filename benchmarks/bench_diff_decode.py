@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         call = (q, k, v, valid, lam, scale)
         impls = {"twin": lambda a=call: diff_decode_ref(*a), "2x SDPA": lambda a=call: _two_sdpa(*a)}
         if device.type == "cuda" and has_triton():
-            impls = {"triton": lambda a=call: diff_decode(*a, backend="triton"), **impls}
+            impls = {"triton": lambda a=call: diff_decode(*a, backend="cuda"), **impls}
         with torch.no_grad():
             ref = impls["twin"]().float()
             for name, fn in impls.items():

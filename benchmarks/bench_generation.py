@@ -1,23 +1,18 @@
-"""The generation-path checks on their own: the YOCO prefill skip (C3: prefill with logits_to_keep=1 vs the
-cross-decoder on every position, last-token logits checked against the full forward) and the sliding ring
-after many wraps (C5). sambay only, so transformers is not needed.
+"""The generation-path targets on their own, sambay only (transformers not needed): the YOCO prefill skip
+(C3, last-token logits checked against the full forward) and the sliding ring after many wraps (C5).
 
-    python benchmarks/bench_generation.py [--quick] [--device cpu|cuda] [--out DIR] [--threads N] [--repeats N]
+    python benchmarks/bench_generation.py [--quick] [--check] [--out DIR] [--threads N]
 
-Same as ``sambay bench --only c3,c5`` (see sambay/bench/).
+Same as ``python benchmarks/run.py --only c3,c5``.
 """
 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from sambay.cli import main
+from run import main  # benchmarks/ is on sys.path when this file runs as a script
 
 if __name__ == "__main__":
-    argv = sys.argv[1:]
-    if any(a == "--only" or a.startswith("--only=") for a in argv):
-        sys.exit("bench_generation.py runs C3 and C5; use `sambay bench --only ...` for other sections")
-    sys.exit(main(["bench", "--only", "c3,c5", *argv]))
+    if any(a == "--only" or a.startswith("--only=") for a in sys.argv[1:]):
+        sys.exit("bench_generation.py runs C3 and C5; use benchmarks/run.py --only ... for other sections")
+    sys.exit(main(["--only", "c3,c5", *sys.argv[1:]]))

@@ -4,7 +4,9 @@ weights, against a same-shape ``transformers.Phi3ForCausalLM`` for G3.
     python benchmarks/bench_gpu.py                  # CUDA; a few minutes including start-up
     python benchmarks/bench_gpu.py --tiny --device cpu   # smoke test of this script on a CPU (tiny model)
 
-What it measures (medians of interleaved repeats, ``torch.cuda.synchronize`` around each timed block):
+What it measures (medians of interleaved repeats, ``torch.cuda.synchronize`` around each timed block; each
+ratio with a 95% bootstrap interval over the repeats, judged by benchmarks/targets.py: INCONCLUSIVE when the
+interval straddles the target, NOT MEASURED AT TARGET SIZE off the named sizes, e.g. with --tiny):
   copy bandwidth  dst.copy_(src) on 1 GiB: bytes read + written per second (the floor's yardstick).
   G1  batch-1 decode step at 4K context over the memory-bandwidth floor (weights + decode state read once
       per step at the measured copy bandwidth). Target <= 1.4. PERFORMANCE.md quotes H200 ~2.35 ms, A100 ~5.5.
@@ -25,25 +27,26 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
-import math
 import statistics
 import sys
 import time
 import traceback
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
+import targets as T  # benchmarks/ is on sys.path when this file runs as a script
 import torch
 
+import sambay.bench as sb
 from sambay import cache_nbytes
-from sambay.bench import models
-from sambay.bench.drivers import Phi3Driver, SambaYDriver
-from sambay.bench.presets import RELEASED, TINY
-from sambay.bench.timing import Progress, describe, interleaved, machine, synchronize
 
 GiB = 2**30
+TINY = Path(__file__).resolve().parents[1] / "configs" / "sambay-tiny.json"
+GPU_TARGETS = {
+    "g1_ratio_to_floor": T.Target("G1", "g1_ratio_to_floor", "<=", 1.4, "decode b1 / bandwidth floor", "N=4096"),
+    "g2_ratio": T.Target("G2", "g2_ratio", "<=", 1.25, "decode b1 at 32K / at 4K", "N=4096, 32768"),
+    "g3_tps_ratio": T.Target("G3", "g3_tps_ratio", ">=", 2.5, "tokens/s b16, sambay/phi3", "batch 16, N=32768"),
+    "g6_graph_speedup": T.Target("G6", "g6_graph_speedup", ">=", 2.0, "CUDA-graph / eager decode b1", "batch 1"),
+}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -96,77 +99,70 @@ def copy_bandwidth(device, progress) -> float:
     """Bytes read + written per second by dst.copy_(src) on 1 GiB (CPU: 64 MiB)."""
     n = (GiB if torch.device(device).type == "cuda" else 64 * 2**20) // 2
     buf = torch.randn(2, n, device=device, dtype=torch.bfloat16)  # [src, dst]
-    t = interleaved({"copy": lambda: buf[1].copy_(buf[0])}, repeats=10, inner=5, warmup=3, device=device)[
-        "copy"
-    ]
+    t = sb.interleaved({"copy": lambda: buf[1].copy_(buf[0])}, repeats=10, inner=5, warmup=3, device=device)["copy"]
     bw = 2 * n * 2 / statistics.median(t)
     progress(f"copy bandwidth: {bw / 1e12:.2f} TB/s (read + write)")
     return bw
 
 
-def step_time(drivers: dict, batch: int, context: int, args, device) -> dict:
-    """Median seconds per decode step for each driver, interleaved, from random state at ``context``."""
-    cap = context + 2 + args.repeats * args.steps + 1
-    states = {n: d.random_state(batch, context, cap) for n, d in drivers.items()}
-    fns = {n: (lambda d=d, s=states[n]: d.step(s)) for n, d in drivers.items()}
-    t = interleaved(fns, args.repeats, inner=args.steps, warmup=2, device=device)
-    del states, fns
+def step_time(subjects: list, batch: int, context: int, args, device) -> dict:
+    """Seconds per decode step of each subject, one sample per interleaved repeat, from random state."""
+    t = sb.decode_step_seconds(subjects, batch, context, args.repeats, args.steps)["samples_s"]
     free_memory(device)
-    return {n: statistics.median(v) for n, v in t.items()}
+    return t
 
 
-def graph_decode(driver: SambaYDriver, context: int, args, device, progress) -> dict:
+def _step(model, token, cache, static=False):
+    return model(token[:, None], cache=cache, logits_to_keep=1, static=static).logits[:, -1]
+
+
+def graph_decode(subject: sb.SambaY, context: int, args, device, progress) -> dict:
     """G6: the static decode step (``static=True``: position read from ``cache.pos``, shapes independent of
     it) captured once in a CUDA graph and replayed as the real decode (each replay advances ``cache.pos``),
     against the library's eager decode step, batch 1, both starting at ``context``."""
-    from sambay.generation import decode_one_token
-
-    model = driver.model
-    room = context + (args.repeats + 4) * args.steps + 8
-    eager_state = driver.random_state(1, context, room)
-    graph_state = driver.random_state(1, context, room)
-    cache, token = graph_state.cache, graph_state.token.clone()
+    model = subject.model
+    room = (args.repeats + 4) * args.steps + 8
+    eager_state = subject.random_decode_state(1, context, room)
+    cache, token = subject.random_decode_state(1, context, room)["cache"], eager_state["token"].clone()
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):  # warm-up on a side stream, as torch.cuda.graph requires
         for _ in range(2):
-            decode_one_token(model, token, cache, static=True)
+            _step(model, token, cache, static=True)
     torch.cuda.current_stream().wait_stream(s)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        decode_one_token(model, token, cache, static=True)
-    cache.length -= 1  # capture ran the Python side (length += 1) but no kernel (pos unchanged)
+        _step(model, token, cache, static=True)
+    # The capture ran the Python side (which marks the Python count cache.length stale) but no kernel; each
+    # replay advances cache.pos and cache.valid on the device, and cache.length is re-read from pos when asked.
 
     def eager():
-        driver.step(eager_state)
+        subject.decode_step(eager_state)
 
-    def graphed():
-        graph.replay()
-        cache.length += 1
-
-    t = interleaved({"eager": eager, "graph": graphed}, args.repeats, inner=args.steps, warmup=2, device=device)
+    t = sb.interleaved({"eager": eager, "graph": graph.replay}, args.repeats, inner=args.steps, warmup=2,
+                       device=device)
     med = {k: statistics.median(v) for k, v in t.items()}
     progress(f"G6 at {context}: eager {1e3 * med['eager']:.2f} ms, CUDA graph {1e3 * med['graph']:.2f} ms")
-    return {"eager_s": med["eager"], "graph_s": med["graph"], "speedup": med["eager"] / med["graph"]}
+    return {"eager_s": med["eager"], "graph_s": med["graph"], "speedup": med["eager"] / med["graph"],
+            "estimate": _ratio_estimate(t["eager"], t["graph"], f"batch 1, N={context}")}
 
 
-def compiled_step(driver: SambaYDriver, context: int, args, device, progress) -> dict:
-    from sambay.generation import decode_one_token
-
-    fn = torch.compile(decode_one_token, mode="max-autotune-no-cudagraphs", dynamic=True)
-    state = driver.random_state(1, context, context + 2 + 2 * (args.repeats + 2) * args.steps)
+def compiled_step(subject: sb.SambaY, context: int, args, device, progress) -> dict:
+    fn = torch.compile(_step, mode="max-autotune-no-cudagraphs", dynamic=True)
+    state = subject.random_decode_state(1, context, 2 + 2 * (args.repeats + 2) * args.steps)
     t0 = time.perf_counter()
     for _ in range(3):
-        state.token = fn(driver.model, state.token, state.cache).argmax(-1)
-    synchronize(device)
+        state["token"] = fn(subject.model, state["token"], state["cache"]).argmax(-1)
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
     compile_s = time.perf_counter() - t0
-    eager_state = driver.random_state(1, context, context + 2 + (args.repeats + 2) * args.steps)
+    eager_state = subject.random_decode_state(1, context, 2 + (args.repeats + 2) * args.steps)
 
     def compiled():
-        state.token = fn(driver.model, state.token, state.cache).argmax(-1)
+        state["token"] = fn(subject.model, state["token"], state["cache"]).argmax(-1)
 
-    t = interleaved(
-        {"eager": lambda: driver.step(eager_state), "compiled": compiled},
+    t = sb.interleaved(
+        {"eager": lambda: subject.decode_step(eager_state), "compiled": compiled},
         args.repeats,
         inner=args.steps,
         warmup=2,
@@ -185,14 +181,31 @@ def compiled_step(driver: SambaYDriver, context: int, args, device, progress) ->
     }
 
 
+def _ratio_estimate(num: list[float], den: list[float], at: str, at_size: bool = True) -> T.Estimate:
+    """median(num) / median(den) of paired samples, with its 95% bootstrap interval."""
+    r = sb.ratio(num, den)
+    return T.Estimate(r["value"], tuple(r["interval"]), at, at_target_size=at_size)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = args.device
-    progress = Progress()
-    info = machine(device, torch.get_num_threads())
-    progress(describe(info))
-    config, dtype = (TINY, torch.float32) if args.tiny else (RELEASED, torch.bfloat16)
-    results: dict = {"machine": info, "contexts": [args.short, args.long], "batch": args.batch, "errors": {}}
+    start = time.perf_counter()
+
+    def progress(msg):
+        print(f"[{time.perf_counter() - start:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    info = sb.machine(device, torch.get_num_threads())
+    progress(sb.describe(info))
+    config = sb.load_config(TINY if args.tiny else "phi4-mini-flash-reasoning")
+    dtype = torch.float32 if args.tiny else torch.bfloat16
+    from sambay.kernels import active_backends
+
+    backends = active_backends(device)  # which implementation each op family runs (and the probes, once)
+    progress(f"backends: {backends}")
+    results: dict = {"machine": info, "backends": backends, "contexts": [args.short, args.long], "batch": args.batch,
+                     "errors": {}}
+    estimates: dict[str, T.Estimate] = {}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -209,9 +222,9 @@ def main(argv=None) -> int:
     bw = copy_bandwidth(device, progress)
     results["copy_bandwidth_bytes_per_s"] = bw
     with torch.inference_mode():
-        sambay = SambaYDriver(models.build_sambay(config, dtype, device))
+        sambay = sb.SambaY(config, dtype, device)
         weight_bytes = sum(p.numel() * p.element_size() for p in sambay.model.parameters())
-        progress(f"sambay built: {weight_bytes / 1e9:.2f} GB of weights ({models.shape_summary(config)})")
+        progress(f"sambay built: {weight_bytes / 1e9:.2f} GB of weights ({sb.shape(config)})")
         cfg = sambay.model.config
 
         def floor_s(batch, context):
@@ -220,27 +233,30 @@ def main(argv=None) -> int:
         # G1, G2: batch-1 decode at the short and the long context
         b1 = {}
         for N in (args.short, args.long):
-            r = guarded(
-                f"decode_b1_{N}", lambda N=N: step_time({"sambay": sambay}, 1, N, args, device)["sambay"]
-            )
+            r = guarded(f"decode_b1_{N}", lambda N=N: step_time([sambay], 1, N, args, device)["sambay"])
             if r is not None:
                 b1[N] = r
-                progress(
-                    f"batch-1 decode at {N}: {1e3 * r:.3f} ms/token (floor {1e3 * floor_s(1, N):.3f} ms)"
-                )
+                progress(f"batch-1 decode at {N}: {1e3 * statistics.median(r):.3f} ms/token "
+                         f"(floor {1e3 * floor_s(1, N):.3f} ms)")
         results["decode_b1_s"] = b1
         if args.short in b1:
-            results["g1_ratio_to_floor"] = b1[args.short] / floor_s(1, args.short)
-            results["g1_floor_s"] = floor_s(1, args.short)
+            f = floor_s(1, args.short)
+            results["g1_floor_s"] = f
+            estimates["g1_ratio_to_floor"] = T.Estimate(
+                statistics.median(b1[args.short]) / f, sb.bootstrap(lambda m: m[0]["s"] / f, [{"s": b1[args.short]}]),
+                f"N={args.short}", at_target_size=args.short == 4096)
         if args.short in b1 and args.long in b1:
-            results["g2_ratio"] = b1[args.long] / b1[args.short]
+            estimates["g2_ratio"] = T.Estimate(
+                statistics.median(b1[args.long]) / statistics.median(b1[args.short]),
+                sb.bootstrap(lambda m: m[1]["s"] / m[0]["s"], [{"s": b1[args.short]}, {"s": b1[args.long]}]),
+                f"N={args.short}, {args.long}", at_target_size=(args.short, args.long) == (4096, 32768))
 
         # G6: graph replay vs eager at the short context (CUDA only)
         if torch.device(device).type == "cuda":
             g6 = guarded("g6", lambda: graph_decode(sambay, args.short, args, device, progress))
             if g6:
+                estimates["g6_graph_speedup"] = g6.pop("estimate")
                 results["g6"] = g6
-                results["g6_graph_speedup"] = g6["speedup"]
             if args.compile:
                 c = guarded("compile", lambda: compiled_step(sambay, args.short, args, device, progress))
                 if c:
@@ -248,126 +264,81 @@ def main(argv=None) -> int:
 
         # G3: batch-B decode at the long context against the baseline
         if not args.no_baseline:
-            try:
-                models.import_transformers()
-            except models.MissingDependency as e:
-                results["errors"]["g3"] = str(e)
-                progress(f"G3 skipped: {e}")
-            else:
-                g3 = guarded("g3", lambda: g3_throughput(sambay, config, dtype, args, device, progress))
-                if g3:
-                    results["g3"] = g3
-                    results["g3_tps_ratio"] = g3["tps_ratio"]
-    print_table(results, args)
-    with open(out / "gpu_results.json", "w", encoding="utf-8") as f:
-        json.dump(_finite(results), f, indent=2)
-    print(f"results: {out / 'gpu_results.json'} (wall time {progress.elapsed():.0f} s)")
+            g3 = guarded("g3", lambda: g3_throughput(sambay, config, dtype, args, device, progress))
+            if g3:
+                estimates["g3_tps_ratio"] = g3.pop("estimate")
+                results["g3"] = g3
+    results["verdicts"] = {}
+    for key, est in estimates.items():
+        verdict, reason = T.judge(GPU_TARGETS[key], est)
+        results["verdicts"][key] = {"value": est.value, "interval": list(est.interval),
+                                    "measured_at": est.measured_at, "verdict": verdict, "reason": reason}
+    print_table(results)
+    sb.write_json(out / "gpu_results.json", results)
+    print(f"results: {out / 'gpu_results.json'} (wall time {time.perf_counter() - start:.0f} s)")
     return 1 if results["errors"] else 0
 
 
-def g3_throughput(sambay: SambaYDriver, config, dtype, args, device, progress) -> dict:
-    baseline = Phi3Driver(models.build_baseline(config, dtype, device))
+def g3_throughput(sambay: sb.SambaY, config, dtype, args, device, progress) -> dict:
+    baseline = sb.Phi3(config, dtype, device)
     pc = baseline.config
     hd = pc.hidden_size // pc.num_attention_heads
-    per_seq = (
-        pc.num_hidden_layers * pc.num_key_value_heads * hd * 2 * torch.finfo(dtype).bits // 8 * args.long
-    )
+    per_seq = pc.num_hidden_layers * pc.num_key_value_heads * hd * 2 * torch.finfo(dtype).bits // 8 * args.long
     budget = free_memory(device) * args.memory_fraction
     sambay_state = cache_nbytes(sambay.model.config, args.batch, args.long, dtype)
     # the baseline's batch: the requested one if its KV (+ one layer's random fill) fits next to sambay's state
     bb = args.batch
     while bb > 1 and bb * per_seq * (1 + 1 / pc.num_hidden_layers) + sambay_state > budget:
         bb //= 2
-    note = (
-        ""
-        if bb == args.batch
-        else (
-            f"baseline at batch {bb}: batch {args.batch} needs "
-            f"{args.batch * per_seq / GiB:.1f} GiB of KV cache, {budget / GiB:.1f} GiB free"
-        )
-    )
+    need = args.batch * per_seq / GiB
+    note = "" if bb == args.batch else (f"baseline at batch {bb}: batch {args.batch} needs {need:.1f} GiB of KV "
+                                        f"cache, {budget / GiB:.1f} GiB free")
     if note:
         progress("G3: " + note)
     if bb == args.batch:
-        t = step_time({"sambay": sambay, "phi3": baseline}, args.batch, args.long, args, device)
-        ts, tb = t["sambay"], t["phi3"]
+        t = step_time([sambay, baseline], args.batch, args.long, args, device)
+        groups = [t]
     else:
-        ts = step_time({"sambay": sambay}, args.batch, args.long, args, device)["sambay"]
-        tb = step_time({"phi3": baseline}, bb, args.long, args, device)["phi3"]
+        t = {**step_time([sambay], args.batch, args.long, args, device),
+             **step_time([baseline], bb, args.long, args, device)}
+        groups = [{"sambay": t["sambay"]}, {"phi3": t["phi3"]}]
+    ts, tb = statistics.median(t["sambay"]), statistics.median(t["phi3"])
     tps_s, tps_b = args.batch / ts, bb / tb
-    progress(
-        f"G3 at {args.long}: sambay batch {args.batch} {tps_s:.1f} tok/s, baseline batch {bb} {tps_b:.1f} tok/s"
-    )
+
+    def tps_ratio(m):
+        return (args.batch / m[0]["sambay"]) / (bb / m[-1]["phi3"])
+
+    progress(f"G3 at {args.long}: sambay batch {args.batch} {tps_s:.1f} tok/s, baseline batch {bb} {tps_b:.1f} tok/s")
     del baseline
     free_memory(device)
-    return {
-        "sambay_batch": args.batch,
-        "baseline_batch": bb,
-        "sambay_step_s": ts,
-        "baseline_step_s": tb,
-        "sambay_tokens_per_s": tps_s,
-        "baseline_tokens_per_s": tps_b,
-        "tps_ratio": tps_s / tps_b,
-        "note": note,
-        "baseline_kv_bytes_per_sequence": per_seq,
-    }
+    at = f"batch {args.batch} (phi3 {bb}), N={args.long}"
+    return {"sambay_batch": args.batch, "baseline_batch": bb, "sambay_step_s": ts, "baseline_step_s": tb,
+            "sambay_tokens_per_s": tps_s, "baseline_tokens_per_s": tps_b, "note": note,
+            "baseline_kv_bytes_per_sequence": per_seq,
+            "estimate": T.Estimate(tps_s / tps_b, sb.bootstrap(tps_ratio, groups), at,
+                                   at_target_size=(args.batch, args.long) == (16, 32768))}
 
 
-def _verdict(value, ok) -> str:
-    if value is None or not math.isfinite(value):
-        return "NO DATA"
-    return "PASS" if ok(value) else "MISSED"
-
-
-def print_table(r: dict, args) -> None:
-    rows = [
-        (
-            "G1",
-            f"decode b1 @{args.short} / bandwidth floor",
-            r.get("g1_ratio_to_floor"),
-            "<= 1.4",
-            lambda v: v <= 1.4,
-        ),
-        ("G2", f"decode b1 @{args.long} / @{args.short}", r.get("g2_ratio"), "<= 1.25", lambda v: v <= 1.25),
-        (
-            "G3",
-            f"tokens/s b{args.batch} @{args.long}, sambay/baseline",
-            r.get("g3_tps_ratio"),
-            ">= 2.5",
-            lambda v: v >= 2.5,
-        ),
-    ]
-    print(f"\nsambay GPU targets -- {describe(r['machine'])}")
-    print(f"{'id':4}{'metric':46}{'value':>10}  {'target':9}verdict")
-    for id_, what, v, spec, ok in rows:
-        print(f"{id_:4}{what:46}{(f'{v:.3f}' if v is not None else 'n/a'):>10}  {spec:9}{_verdict(v, ok)}")
-    g6 = r.get("g6_graph_speedup")
-    print(f"{'G6':4}{'CUDA-graph / eager decode b1':46}{(f'{g6:.3f}' if g6 else 'n/a'):>10}  {'>= 2':9}"
-          f"{_verdict(g6, lambda v: v >= 2)}")
+def print_table(r: dict) -> None:
+    print(f"\nsambay GPU targets -- {sb.describe(r['machine'])}")
+    print(f"{'id':4}{'metric':36}{'value [95% interval]':>26}  {'target':9}verdict")
+    for key, t in GPU_TARGETS.items():
+        v = r["verdicts"].get(key)
+        if v is None:
+            print(f"{t.id:4}{t.what:36}{'n/a':>26}  {t.op + ' ' + format(t.bound, 'g'):9}NOT MEASURED")
+            continue
+        value = f"{v['value']:.3f} [{v['interval'][0]:.3f}, {v['interval'][1]:.3f}]"
+        print(f"{t.id:4}{t.what:36}{value:>26}  {t.op + ' ' + format(t.bound, 'g'):9}{v['verdict']}  "
+              f"{v['measured_at']}{'; ' + v['reason'] if v['reason'] else ''}")
     if "compile" in r:
         c = r["compile"]
-        print(
-            f"    torch.compile (no graphs): x{c['speedup']:.2f} over eager, {c['compile_s']:.0f} s to compile"
-        )
+        print(f"    torch.compile (no graphs): x{c['speedup']:.2f} over eager, {c['compile_s']:.0f} s to compile")
     if r.get("g1_floor_s"):
-        print(
-            f"G1 floor: {1e3 * r['g1_floor_s']:.3f} ms/token at {r['copy_bandwidth_bytes_per_s'] / 1e12:.2f} TB/s; "
-            f"measured {1e3 * r['decode_b1_s'][args.short]:.3f} ms/token"
-        )
+        print(f"G1 floor: {1e3 * r['g1_floor_s']:.3f} ms/token at {r['copy_bandwidth_bytes_per_s'] / 1e12:.2f} TB/s")
     if r.get("g3", {}).get("note"):
         print("G3 note: " + r["g3"]["note"])
     if r["errors"]:
         print("ERRORS: " + "; ".join(f"{k}: {v}" for k, v in r["errors"].items()))
-
-
-def _finite(obj):
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
 
 
 if __name__ == "__main__":

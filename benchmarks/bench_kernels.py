@@ -22,14 +22,9 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a checkout without installing
-
-from sambay.kernels import has_triton
-from sambay.kernels.reference import gmu_ref, silu_mul_ref
+from sambay.kernels import gmu, gmu_ref, has_triton, silu_mul, silu_mul_ref
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -77,11 +72,8 @@ def implementations(twin: Callable, triton_fn_name: str, device: torch.device, c
     """The Triton kernel (CUDA only), the twin, and torch.compile of the twin."""
     impls = []
     if device.type == "cuda" and has_triton():
-        if triton_fn_name == "silu_mul":
-            from sambay.kernels.triton_silu_mul import silu_mul_triton as fn
-        else:
-            from sambay.kernels.triton_gmu import gmu_triton as fn
-        impls.append(Impl("triton", fn))
+        op = silu_mul if triton_fn_name == "silu_mul" else gmu
+        impls.append(Impl("triton", lambda *a: op(*a, backend="cuda")))
     impls.append(Impl("torch twin", twin))
     if compile_twin == "yes":
         impls.append(Impl("compile(twin)", torch.compile(twin, dynamic=False)))

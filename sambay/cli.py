@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"torch device, e.g. cpu, cuda, cuda:1 (default: {default_device}; cuda when a GPU is "
                         f"available)")
     g.set_defaults(func=_generate)
-    b = sub.add_parser("bench", help="sambay against a same-shape transformer (see benchmarks/)")
+    b = sub.add_parser("bench", help="sambay side by side with a same-shape transformer (targets: benchmarks/run.py)")
     from sambay.bench import add_arguments
 
     add_arguments(b)

@@ -1,14 +1,26 @@
-"""`sambay bench`: sambay against a same-shape transformer (``transformers.Phi3ForCausalLM``, random
-weights), in one process, same dtype and threads, interleaved, medians over repeats.
+"""`sambay bench` and the measurements behind it: sambay against a same-shape ``transformers.Phi3ForCausalLM``
+(random weights), interleaved repeats, plain dicts of raw samples. benchmarks/ builds its targets on these.
 
-Sections (``--only``): c1 decode step vs context, c2 decode-state bytes, c3 the YOCO prefill skip, c4
-prefill vs prompt length, c5 the sliding ring after many wraps, c6 decode tokens/s vs batch, c7 peak RSS
-of loading a bf16 checkpoint, latency (decode latency vs generation length). Targets: PERFORMANCE.md.
-
-    sambay bench --quick             # about a minute on a 2-core CPU
-    sambay bench                     # the full CPU run (< 10 min); --device cuda: the released config, bf16
+    sambay bench --quick        # a table of medians and sambay/phi3 ratios with 95% intervals; results.json
 """
 
-from sambay.bench.suite import SECTIONS, add_arguments, run
+from sambay.bench.command import add_arguments, run, table, write_json
+from sambay.bench.measure import (
+    decode_latency_seconds,
+    decode_state_bytes,
+    decode_step_seconds,
+    decode_step_seconds_vs_context,
+    load_peak_rss,
+    prefill_seconds,
+    sliding_layer_seconds,
+    yoco_prefill_seconds,
+)
+from sambay.bench.subjects import CONFIGS, Phi3, SambaY, load_config, phi3_config, shape
+from sambay.bench.timing import bootstrap, describe, interleaved, machine, median, ratio
 
-__all__ = ["SECTIONS", "add_arguments", "run"]
+__all__ = [
+    "CONFIGS", "Phi3", "SambaY", "add_arguments", "bootstrap", "decode_latency_seconds", "decode_state_bytes",
+    "decode_step_seconds", "decode_step_seconds_vs_context", "describe", "interleaved", "load_config",
+    "load_peak_rss", "machine", "median", "phi3_config", "prefill_seconds", "ratio", "run", "shape",
+    "sliding_layer_seconds", "table", "write_json", "yoco_prefill_seconds",
+]

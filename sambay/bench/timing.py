@@ -1,34 +1,18 @@
-"""Timing primitives: interleaved medians, device sync, progress lines, linear fits, the machine.
+"""Interleaved timing, the uncertainty of a statistic of medians (bootstrap over repeats), the machine.
 
-Every comparison is timed interleaved: repeat r runs each subject once, in alternating order, so slow
-phases of a shared machine hit both sides; the reported number is the median over repeats.
+Every comparison is timed interleaved: repeat r runs each subject once, in alternating order, so slow phases
+of a shared machine hit both sides. Samples from the same repeat are pairs and are resampled together.
 """
 
 from __future__ import annotations
 
 import os
 import platform
-import statistics
-import sys
 import time
 from collections.abc import Callable
 
+import numpy as np
 import torch
-
-
-class Progress:
-    """Progress lines on stderr, stamped with the time since the run started."""
-
-    def __init__(self, stream=None):
-        self.start = time.perf_counter()
-        self.stream = stream if stream is not None else sys.stderr
-        self.spreads: list[dict] = []  # one entry per timed point: how far apart its repeats were
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.start
-
-    def __call__(self, msg: str) -> None:
-        print(f"[{self.elapsed():7.1f}s] {msg}", file=self.stream, flush=True)
 
 
 def synchronize(device: torch.device | str) -> None:
@@ -36,25 +20,14 @@ def synchronize(device: torch.device | str) -> None:
         torch.cuda.synchronize()
 
 
-def interleaved(
-    fns: dict[str, Callable[[], object]],
-    repeats: int,
-    inner: int = 1,
-    warmup: int = 1,
-    device: torch.device | str = "cpu",
-    log: Progress | None = None,
-    label: str = "",
-) -> dict[str, list[float]]:
-    """Time each ``fns[name]()`` ``repeats`` times, interleaved, ``inner`` calls per sample.
-
-    Returns {name: [seconds per call, one per repeat]}. ``warmup`` untimed calls of each first. With
-    ``log``, the spread of each subject's samples (max/min) is recorded in ``log.spreads``.
-    """
+def interleaved(fns: dict[str, Callable[[], object]], repeats: int, inner: int = 1, warmup: int = 1,
+                device: torch.device | str = "cpu") -> dict[str, list[float]]:
+    """Time each ``fns[name]()`` ``repeats`` times, interleaved, ``inner`` calls per sample, after ``warmup``
+    untimed calls of each. Returns {name: [seconds per call, one per repeat]}."""
     names = list(fns)
     for _ in range(warmup):
         for n in names:
             fns[n]()
-    synchronize(device)
     out: dict[str, list[float]] = {n: [] for n in names}
     for r in range(repeats):
         for n in names if r % 2 == 0 else names[::-1]:
@@ -64,123 +37,74 @@ def interleaved(
                 fns[n]()
             synchronize(device)
             out[n].append((time.perf_counter() - t0) / inner)
-    if log is not None:
-        for n, ts in out.items():
-            log.spreads.append(
-                {
-                    "point": label,
-                    "subject": n,
-                    "min_s": min(ts),
-                    "median_s": statistics.median(ts),
-                    "max_s": max(ts),
-                    "spread": max(ts) / min(ts) if min(ts) > 0 else float("inf"),
-                }
-            )
     return out
 
 
-def noisy(spreads: list[dict], limit: float = 1.5) -> list[dict]:
-    """The timed points whose repeats differ by more than ``limit`` (max/min): a busy machine."""
-    return [s for s in spreads if len(s) and s["spread"] > limit]
+def bootstrap(statistic: Callable[[list[dict[str, float]]], float], groups: list[dict[str, list[float]]],
+              level: float = 0.95, resamples: int = 2000, seed: int = 0, joint: bool = False) -> tuple[float, float]:
+    """Percentile interval of ``statistic(medians)``, where ``medians[i][name]`` is the median of a resample
+    (with replacement) of ``groups[i][name]``. Within a group every subject is resampled with the same
+    indices (the samples of one interleaved repeat are a pair), so all lists of a group have one length;
+    ``joint``: every group too (one sweep over all groups per repeat)."""
+    rng = np.random.default_rng(seed)
+    drawn, idx = [], None  # per group: {name: (resamples,) medians}
+    for g in groups:
+        lengths = {len(v) for v in g.values()}
+        if len(lengths) != 1 or 0 in lengths:
+            raise ValueError(f"bootstrap: a group's sample lists must be non-empty and of one length, got {lengths}")
+        n = lengths.pop()
+        if idx is None or not joint:
+            idx = rng.integers(0, n, size=(resamples, n))
+        elif idx.shape[1] != n:
+            raise ValueError(f"bootstrap(joint=True): every group needs the same number of repeats, got {n} and "
+                             f"{idx.shape[1]}")
+        drawn.append({k: np.median(np.asarray(v, dtype=float)[idx], axis=1) for k, v in g.items()})
+    values = np.array([statistic([{n: float(m[n][i]) for n in m} for m in drawn]) for i in range(resamples)])
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return float("nan"), float("nan")
+    tail = 100 * (1 - level) / 2
+    return float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))
 
 
 def median(xs: list[float]) -> float:
-    return statistics.median(xs)
+    return float(np.median(xs))
 
 
-def linear_fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
-    """Least-squares t = a + b * x. Returns (a, b)."""
-    n = len(xs)
-    mx, my = sum(xs) / n, sum(ys) / n
-    sxx = sum((x - mx) ** 2 for x in xs)
-    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx if sxx > 0 else float("nan")
-    return my - b * mx, b
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _sambay_version() -> str:
-    """The package version, plus the git commit (and '+dirty') when sambay runs from a checkout."""
-    import subprocess
-    from pathlib import Path
-
-    import sambay
-
-    root = Path(sambay.__file__).resolve().parents[1]
-    version = sambay.__version__
-    if (root / ".git").exists():
-        try:
-            rev = subprocess.run(
-                ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
-                capture_output=True,
-                text=True,
-                timeout=10,
-                check=False,
-            ).stdout.strip()
-            dirty = subprocess.run(
-                ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                capture_output=True,
-                text=True,
-                timeout=10,
-                check=False,
-            ).stdout.strip()
-            if rev:
-                version += f" (git {rev}{'+dirty' if dirty else ''})"
-        except (OSError, subprocess.SubprocessError):
-            pass
-    return version
+def ratio(num: list[float], den: list[float]) -> dict:
+    """median(num) / median(den) of paired samples, with its 95% bootstrap interval."""
+    lo, hi = bootstrap(lambda m: m[0]["a"] / m[0]["b"], [{"a": num, "b": den}])
+    return {"value": median(num) / median(den), "interval": [lo, hi]}
 
 
 def machine(device: torch.device | str, threads: int) -> dict:
-    """A description of where the numbers came from (printed with every table)."""
-    d = torch.device(device)
-    info = {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cpu": _cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "threads": threads,
-        "device": str(d),
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-    }
-    info["sambay"] = _sambay_version()
+    """Where the numbers came from (printed with every table)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
     try:
         import transformers
 
-        info["transformers"] = transformers.__version__
+        tf = transformers.__version__
     except ImportError:
-        info["transformers"] = None
-    if d.type == "cuda":
-        p = torch.cuda.get_device_properties(d)
-        info["gpu"] = p.name
-        info["gpu_memory_gib"] = round(p.total_memory / 2**30, 1)
+        tf = None
+    import sambay
+
+    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "threads": threads, "device": str(device),
+            "torch": torch.__version__, "transformers": tf, "sambay": sambay.__version__,
+            "python": platform.python_version(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
+    if torch.device(device).type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
     if hasattr(os, "getloadavg"):
-        info["loadavg_start"] = [round(x, 2) for x in os.getloadavg()]
+        info["loadavg_start"] = round(os.getloadavg()[0], 2)
     return info
 
 
 def describe(info: dict) -> str:
-    omp = f", OMP_WAIT_POLICY={info['omp_wait_policy']}" if info.get("omp_wait_policy") else ""
-    parts = [f"{info['cpu']} ({info['cpu_count']} CPUs, {info['threads']} threads{omp})"]
-    if "gpu" in info:
-        parts.append(f"{info['gpu']} ({info['gpu_memory_gib']} GiB)")
-    parts.append(
-        f"sambay {info.get('sambay')}, torch {info['torch']}, transformers {info.get('transformers')}, "
-        f"Python {info['python']}"
-    )
-    if "loadavg_start" in info:
-        la = f"load average at start {info['loadavg_start'][0]}"
-        if "loadavg_end" in info:
-            la += f", at end {info['loadavg_end'][0]}"
-        parts.append(la)
-    return "; ".join(parts)
+    gpu = f", {info['gpu']}" if "gpu" in info else ""
+    load = f"; load average {info['loadavg_start']}" if "loadavg_start" in info else ""
+    return (f"{info['cpu']} ({info['cpu_count']} CPUs, {info['threads']} threads){gpu}; sambay {info['sambay']}, "
+            f"torch {info['torch']}, transformers {info['transformers']}{load}")
