@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -39,14 +38,17 @@ def assert_close(name: str, out: torch.Tensor, ref: torch.Tensor, tol: float) ->
     assert err <= tol, f"{name}: relative error {err:.3g} > {tol:.1g}"
 
 
+# The released layout at toy size (8 layers, hidden 32, window 5), for random-weight property sweeps. (The bench
+# smoke tests use configs/sambay-tiny.json, the fixtures their own config.json.)
+SMALL = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 8, "num_attention_heads": 4,
+         "num_key_value_heads": 2, "sliding_window": 5}
+
+
 def random_config(**overrides):
-    """configs/sambay-tiny.json (the released layout at toy size: 8 layers, hidden 32, window 5) with overrides,
-    for random-weight property sweeps."""
+    """SMALL with overrides (HF config keys)."""
     from sambay import SambaYConfig
 
-    base = json.loads((CONFIGS / "sambay-tiny.json").read_text())
-    base.update(overrides)
-    return SambaYConfig.from_dict(base)
+    return SambaYConfig.from_dict({**SMALL, **overrides})
 
 
 # The smallest config that still has every layer role (gradcheck: every Jacobian entry is a forward pass).
