@@ -156,7 +156,9 @@ CASES = {  # id: (argv with {d} for the checkpoint, how to build it, words of th
                               "--chat: the tokenizer in"),
     "empty prompt": (["generate", "--prompt", "", "--model", "{d}"], _checkpoint_with_tokenizer,
                      "--prompt: expected text that encodes to at least one token, got ''"),
-    "bench --only": (["bench", "--only", "c9", "--device", "cpu"], None, "--only: unknown section(s) ['c9']"),
+    "bench --contexts": (["bench", "--contexts", "abc", "--device", "cpu"], None,
+                         "--contexts: expected comma-separated integers >= 1, got 'abc'"),
+    "bench --config": (["bench", "--config", "nope", "--device", "cpu"], None, "config: expected one of"),
 }
 if not torch.cuda.is_available():
     CASES["device cuda"] = ([*G, "--model", "{d}", "--device", "cuda"], _plain,

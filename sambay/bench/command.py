@@ -45,7 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
     p.add_argument("--config", default=None, help=f"one of {', '.join(CONFIGS)} or a config.json path "
                    "(default: scaled on cpu, released on cuda)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                   help="model dtype (default: float32 on cpu, bfloat16 on cuda)")
     p.add_argument("--contexts", default=None, help="batch-1 decode contexts, e.g. 512,4096")
     p.add_argument("--batches", default=None, help=f"decode batch sizes at context {BATCH_CONTEXT}")
     p.add_argument("--prompts", default=None, help="prefill lengths")
