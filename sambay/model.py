@@ -14,23 +14,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import functools
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from sambay.cache import SambaYCache
 from sambay.config import SambaYConfig
 from sambay.kernels.reference import f32
+from sambay.generation import SambaYGenerationMixin
 from sambay.layers import GMU, MLP, Attention, AttnCall, CrossAttention, DiffAttentionCore, Mamba
+from sambay.lm import CausalLMMixin, CausalLMOutput, causal_lm_loss, read_generation_config
 from sambay.masks import prefix_plan, ring_plan, sliding_plan, static_plans
 
-
-@dataclass
-class CausalLMOutput:
-    logits: torch.Tensor  # (B, T_kept, V)
-    loss: torch.Tensor | None = None
-    cache: SambaYCache | None = None
+__all__ = ["Block", "CausalLMOutput", "SambaYForCausalLM", "SambaYModel", "causal_lm_loss"]
 
 
 @dataclass
@@ -135,11 +133,16 @@ class SambaYModel(nn.Module):
         self.layers = nn.ModuleList(Block(config, i, **kw) for i in range(config.num_hidden_layers))
         self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps, **kw)
         self.gradient_checkpointing = False
+        # Set by activation_checkpointing_enable (sambay.lm): the checkpoint call and which layers it wraps.
+        self.checkpoint_fn = functools.partial(checkpoint, use_reentrant=False)
+        self.checkpoint_every = 1
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                cache: SambaYCache | None = None, logits_to_keep: int = 0, static: bool = False) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                cache: SambaYCache | None = None, logits_to_keep: int = 0, static: bool = False,
+                inputs_embeds: torch.Tensor | None = None, output_hidden_states: bool = False):
         """Args:
             input_ids: (B, T) new tokens (the whole sequence without a cache; a continuation with one).
+            inputs_embeds: (B, T, C) instead of input_ids (exactly one of the two): what embed_tokens would give.
             attention_mask: (B, T) without a cache, (B, cache.length + T) with one (HF convention: it
                 covers every position so far); 1 = real token, 0 = left padding.
             cache: continue from and update this SambaYCache in place.
@@ -147,31 +150,47 @@ class SambaYModel(nn.Module):
             static: one decode token whose position is read from ``cache.pos`` (a device tensor) and whose
                 tensor shapes do not depend on it, so the step can be captured in a CUDA graph or compiled
                 once. Attends over all ``max_length`` slots (masked), so it only pays off on a GPU.
+            output_hidden_states: also return the hidden states.
         Returns:
-            (B, T_kept, C) final-norm output in the model dtype.
+            h: (B, T_kept, C) final-norm output in the model dtype; with output_hidden_states, (h, hidden_states):
+            N+1 tensors in the model dtype (HF convention: the embeddings, the output of each layer, the last
+            replaced by h); the cross-decoder's have only the kept positions.
         """
-        B, T = input_ids.shape
-        dtype, device = self.embed_tokens.weight.dtype, input_ids.device
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("SambaYModel.forward: expected exactly one of input_ids and inputs_embeds, got "
+                             + ("both" if input_ids is not None else "neither"))
+        x = input_ids if input_ids is not None else inputs_embeds
+        B, T = x.shape[:2]
+        dtype, device = self.embed_tokens.weight.dtype, x.device
+        C = self.config.hidden_size
+        if inputs_embeds is not None and (inputs_embeds.dim() != 3 or inputs_embeds.shape[2] != C):
+            raise ValueError(f"inputs_embeds: expected shape (B, T, {C}), got "
+                             f"{tuple(inputs_embeds.shape)}")
         p0 = 0 if cache is None else cache.length
         if cache is not None:
             cache.check(B, T, dtype, device)
         keep = T if logits_to_keep <= 0 or logits_to_keep >= T else logits_to_keep
         if static:
-            ctx = self._static_context(input_ids, attention_mask, cache, dtype)
+            ctx = self._static_context(x, attention_mask, cache, dtype)
         else:
             valid = self._valid(attention_mask, cache, B, T, p0, device)
             pad = None if valid is None else valid[:, p0:p0 + T]
             ctx = _Context(dtype, p0, cache, pad, keep, self._sliding_plan(cache, p0, T, valid, B, device),
                            prefix_plan(p0, T, keep, valid, B, device),
                            pad_kept=None if pad is None else pad[:, T - keep:])
-        h = f32(self.embed_tokens(input_ids))  # the residual stream is fp32 from layer 0 on
+        emb = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds.to(dtype)
+        h = f32(emb)  # the residual stream is fp32 from layer 0 on
+        hidden = [emb] if output_hidden_states else None
         for block in self.layers:
             if block.index == self.config.first_cross_layer:  # YOCO prefill skip: only the kept positions
                 ctx.memory = ctx.memory[:, T - keep:]
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                h, export = checkpoint(block, h, ctx, use_reentrant=False)
+            if (self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+                    and block.index % self.checkpoint_every == 0):
+                h, export = self.checkpoint_fn(block, h, ctx)
             else:
                 h, export = block(h, ctx)
+            if hidden is not None:
+                hidden.append(h.to(dtype))
             if block.index == self.config.memory_layer:  # the model, not the block, fills ctx (see Block)
                 ctx.memory = export
             elif block.index == self.config.kv_layer:
@@ -182,7 +201,11 @@ class SambaYModel(nn.Module):
                 cache.pos += 1  # a device op: replays with a captured graph
             else:
                 cache.pos.fill_(p0 + T)
-        return self.final_layernorm(h[:, h.shape[1] - keep:].to(dtype))
+        out = self.final_layernorm(h[:, h.shape[1] - keep:].to(dtype))
+        if hidden is None:
+            return out
+        hidden[-1] = out
+        return out, tuple(hidden)
 
     def _valid(self, attention_mask, cache, B, T, p0, device) -> torch.Tensor | None:
         """(B, p0+T) bool real-token flags by position, or None when nothing is padded."""
@@ -199,7 +222,7 @@ class SambaYModel(nn.Module):
         return cache.valid[:, :p0 + T] if cache.has_padding else None
 
     def _static_context(self, input_ids, attention_mask, cache, dtype) -> _Context:
-        B, T = input_ids.shape
+        B, T = input_ids.shape[:2]
         if cache is None or T != 1 or attention_mask is not None:
             raise ValueError(f"static=True is the one-token decode step: expected a cache, input_ids of shape "
                              f"(B, 1) and no attention_mask (the cache keeps the padding), got cache="
@@ -224,20 +247,28 @@ class SambaYModel(nn.Module):
         return sliding_plan(p0, T, W, ring_pos, valid, B, device)
 
 
-class SambaYForCausalLM(nn.Module):
-    """SambaY with a (tied) LM head. Parameter names equal the checkpoint keys."""
+class SambaYForCausalLM(CausalLMMixin, SambaYGenerationMixin, nn.Module):
+    """SambaY with a (tied) LM head. Parameter names equal the checkpoint keys. forward, generate, the cache,
+    checkpointing and saving come from the mixins (sambay.lm, sambay.generation), shared with the transformers
+    class sambay.hf_model.Phi4FlashForCausalLM."""
 
     def __init__(self, config: SambaYConfig, device=None, dtype=None):
         super().__init__()
         self.config = config
         self.model = SambaYModel(config, device=device, dtype=dtype)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device=device, dtype=dtype)
+        # generation_config.json of the checkpoint (a dict of the keys it sets): generate()'s defaults.
+        self.generation_config: dict = {}
+        self.name_or_path = ""
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         if self.lm_head.weight.device.type != "meta":
             self.init_weights()
 
-    # ---- properties -----------------------------------------------------------------------------
+    @property
+    def sambay_config(self) -> SambaYConfig:
+        return self.config
+
     @property
     def dtype(self) -> torch.dtype:
         return self.model.embed_tokens.weight.dtype
@@ -267,73 +298,22 @@ class SambaYForCausalLM(nn.Module):
                 for lin in (m.in_proj, m.x_proj, m.out_proj):
                     nn.init.normal_(lin.weight, std=std)
 
-    # ---- forward --------------------------------------------------------------------------------
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                cache: SambaYCache | None = None, labels: torch.Tensor | None = None,
-                logits_to_keep: int = 0, static: bool = False) -> CausalLMOutput:
-        """Args:
-            input_ids: (B, T); attention_mask: see SambaYModel.forward; cache: SambaYCache or None.
-            labels: (B, T) targets aligned with input_ids (shifted inside; -100 and padded positions
-                are ignored). Needs logits for every position (logits_to_keep=0).
-            logits_to_keep: return logits for the last k positions only (0 = all).
-            static: the shape-static decode step (see SambaYModel.forward).
-        Returns:
-            CausalLMOutput with logits (B, T_kept, V) in the model dtype and loss (fp32) if labels.
-        """
-        if labels is not None and logits_to_keep not in (0, input_ids.shape[1]):
-            raise ValueError(f"labels need logits at every position: expected logits_to_keep=0, got {logits_to_keep}")
-        h = self.model(input_ids, attention_mask, cache, logits_to_keep, static)
-        logits = self.lm_head(h)
-        loss = None
-        if labels is not None:
-            loss = causal_lm_loss(logits, labels, attention_mask)
-        return CausalLMOutput(logits=logits, loss=loss, cache=cache)
-
-    def allocate_cache(self, batch_size: int, max_length: int, dtype: torch.dtype | None = None,
-                       device: torch.device | str | None = None) -> SambaYCache:
-        """Allocate the static decode state for ``batch_size`` sequences of up to ``max_length`` tokens."""
-        return SambaYCache(self.config, batch_size, max_length, dtype or self.dtype, device or self.device)
-
-    def set_backend(self, backend: str = "auto") -> None:
-        """"auto": fast kernels where the tensors' device has them (Triton, mamba_ssm, causal_conv1d,
-        flash_attn on CUDA), decided per call; "torch": the plain-PyTorch twins everywhere."""
-        if backend not in ("auto", "torch"):
-            raise ValueError(f"backend: expected 'auto' or 'torch', got {backend!r}")
-        for m in self.modules():
-            if hasattr(m, "backend"):
-                m.backend = backend
-
-    def gradient_checkpointing_enable(self) -> None:
-        """Recompute each decoder layer's activations in backward (same gradients, less memory)."""
-        self.model.gradient_checkpointing = True
-
-    def gradient_checkpointing_disable(self) -> None:
-        self.model.gradient_checkpointing = False
-
-    # ---- loading, saving, generation (thin wrappers; the logic lives in its own module) --------
+    # ---- loading and saving (the logic lives in sambay.loading) -------------------------------
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype | None = None, device=None) -> SambaYForCausalLM:
-        from sambay.loading import from_pretrained
+        """A checkpoint directory or hub id; ``generation_config.json``, if present, sets generate()'s defaults."""
+        from sambay.loading import from_pretrained, resolve_checkpoint
 
-        return from_pretrained(path, dtype=dtype, device=device, cls=cls)
+        directory = resolve_checkpoint(path)
+        model = from_pretrained(directory, dtype=dtype, device=device, cls=cls)
+        model.generation_config = read_generation_config(directory)
+        model.name_or_path = str(path)
+        return model
 
     def save_pretrained(self, directory, max_shard_size: int | str = "5GB") -> None:
-        from sambay.loading import save_pretrained
-
-        save_pretrained(self, directory, max_shard_size=max_shard_size)
-
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
-        from sambay.generation import generate
-
-        return generate(self, input_ids, attention_mask=attention_mask, **kwargs)
-
-
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                   ignore_index: int = -100) -> torch.Tensor:
-    """Mean next-token cross-entropy over real target tokens (fp32, fp64 for fp64). logits (B, T, V), labels (B, T)."""
-    target = labels[:, 1:]
-    if attention_mask is not None:
-        target = target.masked_fill(attention_mask[:, -labels.shape[1]:][:, 1:] == 0, ignore_index)
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), target.reshape(-1),
-                           ignore_index=ignore_index)
+        """config.json + safetensors (the released layout), generation_config.json, and ``modeling_sambay.py``
+        named by config.json's auto_map (see sambay.lm)."""
+        c = self.config
+        generation = {"bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id, "pad_token_id": c.pad_token_id,
+                      **self.generation_config}
+        self._save(directory, c, generation, max_shard_size=max_shard_size)
