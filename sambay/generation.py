@@ -130,9 +130,11 @@ def _token_ids(name: str, value, vocab: int) -> list[int] | None:
     """An id or a list of ids (Python, numpy or torch integers, or a 1-D integer tensor) in [0, vocab)."""
     if value is None:
         return None
-    if isinstance(value, torch.Tensor):
-        if value.is_floating_point() or value.dim() > 1:
-            raise TypeError(f"{name}: expected integer token id(s), got a {value.dim()}-D {value.dtype} tensor")
+    if hasattr(value, "dtype") and hasattr(value, "tolist"):  # torch or numpy arrays and scalars
+        integer = not value.is_floating_point() and value.dtype != torch.bool if isinstance(value, torch.Tensor) \
+            else value.dtype.kind in "iu"
+        if not integer or value.ndim > 1:
+            raise TypeError(f"{name}: expected integer token id(s), got a {value.ndim}-D {value.dtype} array")
         value = value.tolist()
     items = list(value) if isinstance(value, (list, tuple)) else [value]
     if not items:
