@@ -151,7 +151,7 @@ class Phi4FlashForCausalLM(CausalLMMixin, SambaYGenerationMixin, PreTrainedModel
         directory = resolve_checkpoint(pretrained_model_name_or_path)
         lm = from_pretrained(directory, dtype=None if dtype == "auto" else dtype, device=device, cls=build)
         model = cls(Phi4FlashConfig.from_sambay(lm.config), sambay_model=lm).eval()
-        model.config._name_or_path = os.fspath(pretrained_model_name_or_path)
+        model.config.name_or_path = model.name_or_path = os.fspath(pretrained_model_name_or_path)  # peft reads it
         saved = read_generation_config(directory)
         if saved:
             model.generation_config = GenerationConfig.from_dict(saved)

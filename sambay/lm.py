@@ -46,6 +46,15 @@ class CausalLMOutput:
     cache: SambaYCache | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None  # N+1 tensors (B, T, C), with output_hidden_states=True
 
+    def to_tuple(self) -> tuple:
+        """The set fields in transformers' order (loss first), as its ModelOutput indexes them."""
+        return tuple(v for v in (self.loss, self.logits, self.cache, self.hidden_states) if v is not None)
+
+    def __getitem__(self, key: int | str):
+        """out["logits"] or out[0] (the loss when there is one), as tools written for transformers (Trainer) read
+        outputs."""
+        return getattr(self, key) if isinstance(key, str) else self.to_tuple()[key]
+
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
                    ignore_index: int = -100) -> torch.Tensor:
