@@ -17,10 +17,10 @@ import torch
 from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from sambay import hf
 from sambay.cache import SambaYCache
 from sambay.config import SambaYConfig
 from sambay.generation import SambaYGenerationMixin
-from sambay import hf
 from sambay.hf import Phi4FlashConfig
 from sambay.lm import CausalLMMixin, read_generation_config
 from sambay.model import SambaYForCausalLM

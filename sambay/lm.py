@@ -27,9 +27,11 @@ from sambay.cache import SambaYCache
 # and imports it under trust_remote_code=True, so any process with sambay installed loads the checkpoint through
 # sambay's own classes (no code is copied: the file only imports them).
 AUTO_MODULE = "modeling_sambay"
-AUTO_MAP = {"AutoConfig": f"{AUTO_MODULE}.Phi4FlashConfig", "AutoModelForCausalLM": f"{AUTO_MODULE}.Phi4FlashForCausalLM"}
-_AUTO_MODULE_SOURCE = '''"""Loads this checkpoint with sambay (pip install sambay): AutoModelForCausalLM.from_pretrained(dir,
-trust_remote_code=True) imports this file, which only re-exports sambay's classes."""
+AUTO_MAP = {"AutoConfig": f"{AUTO_MODULE}.Phi4FlashConfig",
+            "AutoModelForCausalLM": f"{AUTO_MODULE}.Phi4FlashForCausalLM"}
+_AUTO_MODULE_SOURCE = '''"""Loads this checkpoint with sambay (pip install sambay):
+AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True) imports this file, which only re-exports
+sambay's classes."""
 
 from sambay.hf import Phi4FlashConfig
 from sambay.hf_model import Phi4FlashForCausalLM

@@ -12,9 +12,8 @@ written for every position): the YOCO prefill skip, exact by construction.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import functools
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -22,8 +21,8 @@ from torch.utils.checkpoint import checkpoint
 
 from sambay.cache import SambaYCache
 from sambay.config import SambaYConfig
-from sambay.kernels.reference import f32
 from sambay.generation import SambaYGenerationMixin
+from sambay.kernels.reference import f32
 from sambay.layers import GMU, MLP, Attention, AttnCall, CrossAttention, DiffAttentionCore, Mamba
 from sambay.lm import CausalLMMixin, CausalLMOutput, causal_lm_loss, read_generation_config
 from sambay.masks import prefix_plan, ring_plan, sliding_plan, static_plans

@@ -73,7 +73,7 @@ def test_text_generation_pipeline_equals_sambay_greedy(ckpt):
 @pytest.fixture(scope="module")
 def hflm(ckpt):
     huggingface = pytest.importorskip("lm_eval.models.huggingface")
-    return huggingface.HFLM(pretrained=str(ckpt), device="cpu", batch_size=2)
+    return huggingface.HFLM(pretrained=str(ckpt), trust_remote_code=True, device="cpu", batch_size=2)
 
 
 def test_lm_eval_loglikelihood_equals_a_direct_computation(hflm):
