@@ -190,7 +190,7 @@ def _draw(scores: torch.Tensor, generator: torch.Generator | None) -> torch.Tens
     probs = scores.softmax(-1)
     # A row without finite scores (a broken model) gets a uniform draw, so that the step finishes and the
     # non-finite check below reports it with its step number instead of multinomial failing inside torch.
-    probs = torch.where(torch.isfinite(probs).all(-1, keepdim=True), probs, torch.ones_like(probs))
+    probs = torch.where(torch.isfinite(probs.sum(-1, keepdim=True)), probs, torch.ones_like(probs))
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
@@ -347,11 +347,11 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
         else:
             logits = model(input_ids, attention_mask, logits_to_keep=1).logits[:, -1]
         finished = torch.zeros(B, dtype=torch.bool, device=device)
-        first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first step with non-finite logits
+        # The sum of a step's logits is finite iff all of them are (NaN and inf propagate; finite logits cannot
+        # reach fp32's range): one reduction, kept per step so that the check needs no sync of its own.
+        sums = torch.empty(max_new, dtype=torch.float32, device=device)
         for step in range(max_new):
-            bad = ~torch.isfinite(logits).all()
-            if not early_stop:  # no per-step sync: remember the first bad step, report after the loop
-                first_bad = torch.where((first_bad < 0) & bad, step, first_bad)
+            sums[step] = logits.sum()
             if want_logits:
                 logits_out.append(logits.float())
             if processed:
@@ -386,8 +386,8 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
             if streamer is not None:
                 _emit(streamer, token)
             if early_stop:
-                all_done, nonfinite = torch.stack([finished.all(), bad]).tolist()  # the one sync of the step
-                if nonfinite:
+                all_done, finite = torch.stack([finished.all(), sums[step].isfinite()]).tolist()  # the one sync
+                if not finite:
                     raise _nonfinite(step, P)
                 if all_done:
                     break
@@ -398,8 +398,10 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
             else:
                 mask = None if full_mask is None else full_mask[:, :P + n]
                 logits = model(seq[:, :P + n], attention_mask=mask, logits_to_keep=1).logits[:, -1]
-        if not early_stop and int(first_bad) >= 0:
-            raise _nonfinite(int(first_bad), P)
+        if not early_stop:  # one sync after the loop
+            bad = (~sums[:n].isfinite()).nonzero()
+            if len(bad):
+                raise _nonfinite(int(bad[0, 0]), P)
     if streamer is not None and hasattr(streamer, "end"):
         streamer.end()
     sequences = seq[:, :P + n]
