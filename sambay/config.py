@@ -17,7 +17,7 @@ import logging
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +28,7 @@ MODEL_TYPE = "phi4flash"
 
 @dataclass(frozen=True)
 class SambaYConfig:
+    model_type: ClassVar[str] = MODEL_TYPE  # not a field: what tools written for transformers (peft) read
     vocab_size: int = 51200
     hidden_size: int = 2560
     intermediate_size: int = 9216

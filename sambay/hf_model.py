@@ -18,7 +18,6 @@ from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from sambay import hf
-from sambay.cache import SambaYCache
 from sambay.config import SambaYConfig
 from sambay.generation import SambaYGenerationMixin
 from sambay.hf import Phi4FlashConfig
@@ -66,7 +65,6 @@ class Phi4FlashForCausalLM(CausalLMMixin, SambaYGenerationMixin, PreTrainedModel
     base_model_prefix = "model"
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True
-    accepts_loss_kwargs = False  # Trainer: the loss is the mean over the batch's real tokens
     _no_split_modules = ["Block"]
 
     def __init__(self, config: Phi4FlashConfig, sambay_model: SambaYForCausalLM | None = None):
@@ -82,32 +80,15 @@ class Phi4FlashForCausalLM(CausalLMMixin, SambaYGenerationMixin, PreTrainedModel
         return self.config.to_sambay(self._sambay_base)
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                cache: SambaYCache | None = None, labels: torch.Tensor | None = None, logits_to_keep: int = 0,
-                static: bool = False, inputs_embeds: torch.Tensor | None = None,
-                output_hidden_states: bool | None = None, use_cache: bool | None = None,
-                past_key_values: SambaYCache | None = None, return_dict: bool | None = None,
-                output_attentions: bool | None = None, **unset) -> CausalLMOutputWithPast:
-        """sambay's forward (sambay.lm.CausalLMMixin.forward). ``past_key_values`` is another name for ``cache``;
-        ``unset``: the plumbing wrappers such as peft pass, accepted only when unset."""
-        given = sorted(k for k, v in unset.items() if v is not None and v is not False)
-        if given:
-            raise TypeError(f"{type(self).__name__}.forward does not support {given}")
-        if output_attentions:
-            raise NotImplementedError(f"{type(self).__name__}.forward: output_attentions (the attention kernels "
-                                      "never materialise the probabilities)")
-        if return_dict is False:
-            raise NotImplementedError(f"{type(self).__name__}.forward: return_dict=False (outputs are ModelOutputs, "
-                                      "which also index like tuples)")
-        if past_key_values is not None:
-            if cache is not None and cache is not past_key_values:
-                raise TypeError("forward: got both cache and past_key_values")
-            if not isinstance(past_key_values, SambaYCache):
-                raise TypeError(f"past_key_values: expected a SambaYCache (model.allocate_cache(...)), got "
-                                f"{type(past_key_values).__name__}")
-            cache = past_key_values
-        out = super().forward(input_ids, attention_mask, cache, labels, logits_to_keep, static,
-                              inputs_embeds=inputs_embeds, output_hidden_states=bool(output_hidden_states),
-                              use_cache=use_cache)
+                cache=None, labels: torch.Tensor | None = None, logits_to_keep: int = 0, static: bool = False,
+                inputs_embeds: torch.Tensor | None = None, output_hidden_states: bool | None = False,
+                use_cache: bool | None = None, past_key_values=None, output_attentions: bool | None = None,
+                return_dict: bool | None = None, **unset) -> CausalLMOutputWithPast:
+        """sambay's forward (sambay.lm.CausalLMMixin.forward, the same arguments) with transformers' output type.
+        The signature is spelled out: Trainer keeps only the dataset columns that forward names."""
+        out = super().forward(input_ids, attention_mask, cache, labels, logits_to_keep, static, inputs_embeds,
+                              output_hidden_states, use_cache, past_key_values, output_attentions, return_dict,
+                              **unset)
         return CausalLMOutputWithPast(loss=out.loss, logits=out.logits, past_key_values=out.cache,
                                       hidden_states=out.hidden_states)
 

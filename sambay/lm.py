@@ -79,14 +79,19 @@ class CausalLMMixin:
     """forward (loss, inputs_embeds, hidden states), the static cache, activation checkpointing, embeddings and
     save_pretrained for a model holding ``model``/``lm_head``/``sambay_config``."""
 
+    accepts_loss_kwargs = False  # Trainer: the loss is the mean over the batch's real tokens (no num_items_in_batch)
+
     # ---- forward --------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 cache: SambaYCache | None = None, labels: torch.Tensor | None = None, logits_to_keep: int = 0,
-                static: bool = False, inputs_embeds: torch.Tensor | None = None, output_hidden_states: bool = False,
-                use_cache: bool | None = None) -> CausalLMOutput:
+                static: bool = False, inputs_embeds: torch.Tensor | None = None,
+                output_hidden_states: bool | None = False, use_cache: bool | None = None,
+                past_key_values: SambaYCache | None = None, output_attentions: bool | None = None,
+                return_dict: bool | None = None, **unset) -> CausalLMOutput:
         """Args:
             input_ids: (B, T); or inputs_embeds: (B, T, C) in the model dtype (exactly one of the two).
-            attention_mask: see SambaYModel.forward; cache: SambaYCache or None.
+            attention_mask: see SambaYModel.forward; cache (or its transformers name past_key_values): a
+                SambaYCache to continue from and update, or None.
             labels: (B, T) targets aligned with the inputs (shifted inside; -100 and padded positions are
                 ignored). Needs logits for every position (logits_to_keep=0).
             logits_to_keep: return logits for the last k positions only (0 = all).
@@ -94,9 +99,27 @@ class CausalLMMixin:
             output_hidden_states: also return the N+1 hidden states (HF convention, see SambaYModel.forward).
             use_cache: None (default) = decode state only when ``cache`` is given. The cache is static (its
                 length is fixed when allocated), so True without a cache and False with one are errors.
+            output_attentions, return_dict, unset: the plumbing that wrappers such as peft pass, accepted when
+                unset (None/False; return_dict True).
         Returns:
             CausalLMOutput with logits (B, T_kept, V) in the model dtype and loss (fp32) if labels.
         """
+        name = type(self).__name__
+        given = sorted(k for k, v in unset.items() if v is not None and v is not False)
+        if given:
+            raise TypeError(f"{name}.forward does not support {given}")
+        if output_attentions:
+            raise NotImplementedError(f"{name}.forward: output_attentions (the attention kernels never materialise "
+                                      "the probabilities)")
+        if return_dict is False:
+            raise NotImplementedError(f"{name}.forward: return_dict=False (the outputs index like tuples too)")
+        if past_key_values is not None:
+            if cache is not None and cache is not past_key_values:
+                raise TypeError(f"{name}.forward: got both cache and past_key_values")
+            if not isinstance(past_key_values, SambaYCache):
+                raise TypeError(f"past_key_values: expected a SambaYCache (model.allocate_cache(...)), got "
+                                f"{type(past_key_values).__name__}")
+            cache = past_key_values
         if use_cache and cache is None:
             raise ValueError("use_cache=True: sambay's decode state is allocated once with its final length; pass "
                              "cache=model.allocate_cache(batch_size, max_length) (and use_cache=None), or generate()")
@@ -105,6 +128,7 @@ class CausalLMMixin:
         x = input_ids if input_ids is not None else inputs_embeds
         if labels is not None and x is not None and logits_to_keep not in (0, x.shape[1]):
             raise ValueError(f"labels need logits at every position: expected logits_to_keep=0, got {logits_to_keep}")
+        output_hidden_states = bool(output_hidden_states)
         out = self.model(input_ids, attention_mask, cache, logits_to_keep, static, inputs_embeds=inputs_embeds,
                          output_hidden_states=output_hidden_states)
         h, hidden = out if output_hidden_states else (out, None)
