@@ -173,6 +173,7 @@ def test_activation_checkpointing_every_n_layers(tmp_path):
 
 
 # ---- loading in any process, saved files, names --------------------------------------------------------
+@pytest.mark.slow  # a fresh interpreter imports torch and transformers
 def test_a_process_that_never_imports_sambay_loads_the_checkpoint_with_trust_remote_code(ckpt, tmp_path):
     ids = load_fixture("tiny8")[1]["input_ids"]
     with torch.no_grad():
