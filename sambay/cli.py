@@ -17,6 +17,9 @@ def _generate(args: argparse.Namespace) -> int:
     except ImportError:
         print("sambay generate needs a tokenizer from transformers: pip install 'sambay[hf]'", file=sys.stderr)
         return 2
+    import sambay.hf
+
+    sambay.hf.register()  # AutoTokenizer reads config.json: model_type phi4flash must be known to transformers
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.model)
     except Exception as e:  # missing tokenizer files: say which directory and what is needed
