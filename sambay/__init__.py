@@ -2,10 +2,10 @@
 
 from sambay.cache import SambaYCache, cache_nbytes
 from sambay.config import SambaYConfig
-from sambay.hf import register as _register_hf
 from sambay.model import CausalLMOutput, SambaYForCausalLM, SambaYModel
 
-_register_hf()  # AutoConfig/AutoModelForCausalLM for model_type phi4flash, when transformers is installed
+# transformers is optional and heavy: nothing here imports it. sambay.hf.register() makes the Auto classes
+# build sambay's model; checkpoints sambay saves also load with trust_remote_code=True (see sambay.hf).
 
 __version__ = "0.1.0"
 

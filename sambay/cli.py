@@ -20,6 +20,9 @@ def _generate(args: argparse.Namespace) -> int:
         from transformers import AutoTokenizer
     except ImportError:
         raise ValueError("sambay generate needs a tokenizer from transformers: pip install 'sambay[hf]'") from None
+    import sambay.hf
+
+    sambay.hf.register()  # AutoTokenizer reads config.json: model_type phi4flash must be known to transformers
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory)
     except Exception as e:  # missing tokenizer files: say which directory and what is needed

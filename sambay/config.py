@@ -20,7 +20,7 @@ import os
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +95,7 @@ def _token_id(name: str, v: Any, vocab_size: int, allow_none: bool = True) -> No
 
 @dataclass(frozen=True)
 class SambaYConfig:
+    model_type: ClassVar[str] = MODEL_TYPE  # not a field: what tools written for transformers (peft) read
     vocab_size: int = 51200
     hidden_size: int = 2560
     intermediate_size: int = 9216
@@ -118,7 +119,7 @@ class SambaYConfig:
     initializer_range: float = 0.02
     tie_word_embeddings: bool = True
     rope_theta: float = 10000.0
-    use_cache: bool = True
+    use_cache: bool = field(default=True, compare=False)  # settable (see _set_use_cache): no effect on the math
     pad_token_id: int | None = 0
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
@@ -329,6 +330,20 @@ class SambaYConfig:
         if os.path.isfile(path):
             return cls.from_json(path)
         raise FileNotFoundError(f"no such checkpoint directory or config file: {path}")
+
+
+def _set_use_cache(self, name: str, value: Any) -> None:
+    """SambaYConfig is frozen except ``use_cache``, which tools set on any model's config (transformers' Trainer
+    writes ``model.config.use_cache``) and which changes no computation."""
+    if name != "use_cache":
+        raise dataclasses.FrozenInstanceError(f"cannot assign to field {name!r} (SambaYConfig is frozen; use "
+                                              f"dataclasses.replace)")
+    if not isinstance(value, bool):
+        raise TypeError(f"SambaYConfig.use_cache: expected a bool, got {value!r}")
+    object.__setattr__(self, name, value)
+
+
+SambaYConfig.__setattr__ = _set_use_cache
 
 
 def _window_from_config(value: Any, num_layers: int) -> Any:

@@ -12,43 +12,22 @@ written for every position): the YOCO prefill skip, exact by construction.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from sambay.cache import KeyColumns, SambaYCache
 from sambay.config import SambaYConfig
+from sambay.generation import SambaYGenerationMixin
 from sambay.kernels.reference import f32
 from sambay.layers import GMU, MLP, Attention, AttnCall, CrossAttention, DiffAttentionCore, Mamba
+from sambay.lm import CausalLMMixin, CausalLMOutput, causal_lm_loss, read_generation_config
 from sambay.masks import prefix_plan, static_plans, window_plan
 
-
-@dataclass
-class CausalLMOutput:
-    logits: torch.Tensor  # (B, T_kept, V)
-    loss: torch.Tensor | None = None
-    cache: SambaYCache | None = None
-    hidden_states: tuple[torch.Tensor, ...] | None = None  # see SambaYModel.forward(output_hidden_states=True)
-
-
-# A pytree node, so torch.export and tree utilities see its tensors; the cache (an object the call updated in
-# place, not an output tensor) travels as the node's context.
-torch.utils._pytree.register_pytree_node(
-    CausalLMOutput,
-    lambda o: ((o.logits, o.loss, o.hidden_states), o.cache),
-    lambda children, cache: CausalLMOutput(*children[:2], cache=cache, hidden_states=children[2]),
-    serialized_type_name="sambay.model.CausalLMOutput",
-    to_dumpable_context=lambda cache: "null" if cache is None else _undumpable(cache),
-    from_dumpable_context=lambda s: None,
-)
-
-
-def _undumpable(cache):
-    raise TypeError("a CausalLMOutput holding a SambaYCache cannot be serialized; export the decode step with "
-                    "sambay.compiled.export_decode_step, whose cache tensors are inputs")
+__all__ = ["Block", "CausalLMOutput", "SambaYForCausalLM", "SambaYModel", "Step", "causal_lm_loss"]
 
 
 @dataclass(frozen=True)
@@ -160,12 +139,16 @@ class SambaYModel(nn.Module):
         self.layers = nn.ModuleList(Block(config, i, **kw) for i in range(config.num_hidden_layers))
         self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps, **kw)
         self.gradient_checkpointing = False
+        # Set by activation_checkpointing_enable (sambay.lm): the checkpoint call and which layers it wraps.
+        self.checkpoint_fn = functools.partial(checkpoint, use_reentrant=False)
+        self.checkpoint_every = 1
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 cache: SambaYCache | None = None, logits_to_keep: int = 0, static: bool = False,
                 inputs_embeds: torch.Tensor | None = None, output_hidden_states: bool = False):
         """Args:
             input_ids: (B, T) new tokens (the whole sequence without a cache; a continuation with one).
+            inputs_embeds: (B, T, C) instead of input_ids (exactly one of the two): what embed_tokens would give.
             attention_mask: (B, T) without a cache, (B, cache.length + T) with one (HF convention: it
                 covers every position so far); 1 = real token, 0 = padding. With a cache (generation) the
                 padding must be on the left; without one, left or right (each row one run of real tokens).
@@ -175,9 +158,9 @@ class SambaYModel(nn.Module):
                 tensor shapes do not depend on it, so the step can be captured in a CUDA graph or compiled
                 once. Attends over all ``max_length`` slots (masked), so it only pays off on a GPU.
             inputs_embeds: (B, T, C) instead of input_ids (soft prompts): what embed_tokens would return.
-            output_hidden_states: also return the N+1 hidden states (HF convention): the embeddings, then the
-                fp32 residual stream after each layer, the last replaced by the final-norm output. Entries
-                from the shared-KV layer on have the kept rows only.
+            output_hidden_states: also return the N+1 hidden states in the model dtype (HF convention): the
+                embeddings, then the residual stream after each layer, the last replaced by the final-norm output.
+                Entries from the shared-KV layer on have the kept rows only.
         Returns:
             (B, T_kept, C) final-norm output in the model dtype; with output_hidden_states, (that, hidden_states).
         """
@@ -186,7 +169,7 @@ class SambaYModel(nn.Module):
         keep = _check_keep(logits_to_keep, T)
         step = self._static_step(B, T, attention_mask, cache) if static else \
             self._step(B, T, attention_mask, cache, keep, h.device)
-        hidden = [h] if output_hidden_states else None
+        hidden = [h.to(step.dtype)] if output_hidden_states else None
         M = c.memory_layer
         # Self-decoder: Mamba / sliding-window attention, each layer with its own state.
         for i in range(M):
@@ -210,12 +193,13 @@ class SambaYModel(nn.Module):
         return out, tuple(hidden)
 
     def _layer(self, block: Block, h, step: Step, hidden: list | None, memory=None, kv=None, rows=None):
-        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            h, export = checkpoint(block, h, step, memory, kv, rows, use_reentrant=False)
+        if (self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+                and block.index % self.checkpoint_every == 0):
+            h, export = self.checkpoint_fn(block, h, step, memory, kv, rows)
         else:
             h, export = block(h, step, memory, kv, rows)
         if hidden is not None:
-            hidden.append(h)
+            hidden.append(h.to(step.dtype))
         return h, export
 
     # ---- the per-call step: validation, padding, attention plans ------------------------------------
@@ -333,20 +317,28 @@ def _check_mask(attention_mask, B: int, p0: int, T: int, cached: bool, device):
     return flags[:, p0:], bool(padded)
 
 
-class SambaYForCausalLM(nn.Module):
-    """SambaY with a (tied) LM head. Parameter names equal the checkpoint keys."""
+class SambaYForCausalLM(CausalLMMixin, SambaYGenerationMixin, nn.Module):
+    """SambaY with a (tied) LM head. Parameter names equal the checkpoint keys. forward, generate, the cache,
+    checkpointing and saving come from the mixins (sambay.lm, sambay.generation), shared with the transformers
+    class sambay.hf_model.Phi4FlashForCausalLM."""
 
     def __init__(self, config: SambaYConfig, device=None, dtype=None):
         super().__init__()
         self.config = config
         self.model = SambaYModel(config, device=device, dtype=dtype)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device=device, dtype=dtype)
+        # generation_config.json of the checkpoint (a dict of the keys it sets): generate()'s defaults.
+        self.generation_config: dict = {}
+        self.name_or_path = ""
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         if self.lm_head.weight.device.type != "meta":
             self.init_weights()
 
-    # ---- properties -----------------------------------------------------------------------------
+    @property
+    def sambay_config(self) -> SambaYConfig:
+        return self.config
+
     @property
     def dtype(self) -> torch.dtype:
         return self.model.embed_tokens.weight.dtype
@@ -376,83 +368,22 @@ class SambaYForCausalLM(nn.Module):
                 for lin in (m.in_proj, m.x_proj, m.out_proj):
                     nn.init.normal_(lin.weight, std=std)
 
-    # ---- forward --------------------------------------------------------------------------------
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                cache: SambaYCache | None = None, labels: torch.Tensor | None = None,
-                logits_to_keep: int = 0, static: bool = False) -> CausalLMOutput:
-        """Args:
-            input_ids: (B, T); attention_mask: see SambaYModel.forward; cache: SambaYCache or None.
-            labels: (B, T) targets aligned with input_ids (shifted inside; -100 and padded positions
-                are ignored). Needs logits for every position (logits_to_keep=0).
-            logits_to_keep: return logits for the last k positions only (0 = all).
-            static: the shape-static decode step (see SambaYModel.forward).
-        Returns:
-            CausalLMOutput with logits (B, T_kept, V) in the model dtype and loss (fp32) if labels.
-        """
-        if labels is not None and logits_to_keep not in (0, input_ids.shape[1]):
-            raise ValueError(f"labels need logits at every position: expected logits_to_keep=0, got {logits_to_keep}")
-        h = self.model(input_ids, attention_mask, cache, logits_to_keep, static)
-        logits = self.lm_head(h)
-        loss = None
-        if labels is not None:
-            loss = causal_lm_loss(logits, labels, attention_mask)
-        return CausalLMOutput(logits=logits, loss=loss, cache=cache)
-
-    def allocate_cache(self, batch_size: int, max_length: int, dtype: torch.dtype | None = None,
-                       device: torch.device | str | None = None) -> SambaYCache:
-        """Allocate the static decode state for ``batch_size`` sequences of up to ``max_length`` tokens."""
-        return SambaYCache(self.config, batch_size, max_length, dtype or self.dtype, device or self.device)
-
-    def set_backend(self, backend: str = "auto") -> None:
-        """Choose the implementations of every op of every layer: one of ``sambay.kernels.BACKENDS``.
-
-        "auto": the fast path where the tensors' device has it (Triton, mamba_ssm, causal_conv1d, flash_attn on
-        CUDA), decided per call, else the plain-PyTorch twin; "torch": the twins everywhere; "cuda": insist on
-        the fast paths (an op that cannot take one raises, saying why). On a CUDA model this also runs the
-        packages' availability probes now, outside any compiled region."""
-        from sambay.kernels import BACKENDS, active_backends
-        from sambay.layers import BACKEND_LAYERS
-
-        if backend not in BACKENDS:
-            raise ValueError(f"backend: expected 'auto' or 'torch' (or 'cuda' to insist on the fast paths), "
-                             f"one of {BACKENDS}; got {backend!r}")
-        for m in self.modules():
-            if isinstance(m, BACKEND_LAYERS):
-                m.backend = backend
-        if backend != "torch":
-            active_backends(self.device)
-
-    def gradient_checkpointing_enable(self) -> None:
-        """Recompute each decoder layer's activations in backward (same gradients, less memory)."""
-        self.model.gradient_checkpointing = True
-
-    def gradient_checkpointing_disable(self) -> None:
-        self.model.gradient_checkpointing = False
-
-    # ---- loading, saving, generation (thin wrappers; the logic lives in its own module) --------
+    # ---- loading and saving (the logic lives in sambay.loading) -------------------------------
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype | None = None, device=None) -> SambaYForCausalLM:
-        from sambay.loading import from_pretrained
+        """A checkpoint directory or hub id; ``generation_config.json``, if present, sets generate()'s defaults."""
+        from sambay.loading import from_pretrained, resolve_checkpoint
 
-        return from_pretrained(path, dtype=dtype, device=device, cls=cls)
+        directory = resolve_checkpoint(path)
+        model = from_pretrained(directory, dtype=dtype, device=device, cls=cls)
+        model.generation_config = read_generation_config(directory)
+        model.name_or_path = str(path)
+        return model
 
     def save_pretrained(self, directory, max_shard_size: int | str = "5GB") -> None:
-        from sambay.loading import save_pretrained
-
-        save_pretrained(self, directory, max_shard_size=max_shard_size)
-
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
-        from sambay.generation import generate
-
-        return generate(self, input_ids, attention_mask=attention_mask, **kwargs)
-
-
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                   ignore_index: int = -100) -> torch.Tensor:
-    """Mean next-token cross-entropy over real target tokens (fp32, fp64 for fp64). logits (B, T, V), labels (B, T)."""
-    target = labels[:, 1:]
-    if attention_mask is not None:
-        target = target.masked_fill(attention_mask[:, -labels.shape[1]:][:, 1:] == 0, ignore_index)
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), target.reshape(-1),
-                           ignore_index=ignore_index)
+        """config.json + safetensors (the released layout), generation_config.json, and ``modeling_sambay.py``
+        named by config.json's auto_map (see sambay.lm)."""
+        c = self.config
+        generation = {"bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id, "pad_token_id": c.pad_token_id,
+                      **self.generation_config}
+        self._save(directory, c, generation, max_shard_size=max_shard_size)

@@ -72,7 +72,9 @@ def test_save_pretrained_output_loads_back_through_auto_and_sambay(hf, tmp_path)
     model = AutoModelForCausalLM.from_config(config)  # random weights (sambay's initialisation)
     assert type(model) is hf.Phi4FlashForCausalLM
     model.save_pretrained(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    # issue 11: the released layout plus generation_config.json and the module config.json's auto_map names
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "generation_config.json",
+                                                          "model.safetensors", "modeling_sambay.py"]
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["model_type"] == "phi4flash" and saved["num_hidden_layers"] == 8
     ids = load_fixture("tiny8")[1]["input_ids"]

@@ -177,3 +177,10 @@ def test_static_steps_keep_length_in_step_with_pos(model):
         for _ in range(2):
             model(_ids(1, 1), cache=cache, static=True)
     assert cache.length == 5 and int(cache.pos) == 5
+
+
+@pytest.mark.parametrize("labels", [torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 3), torch.zeros(3, dtype=torch.long)],
+                         ids=["shape", "float", "1d"])
+def test_bad_labels_are_named(model, labels):
+    with pytest.raises(ValueError, match=r"labels: expected an integer tensor of shape \(1, 3\)"):
+        model(_ids(1, 3), labels=labels)

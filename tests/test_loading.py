@@ -89,7 +89,8 @@ def test_save_load_round_trip_is_bitwise(tmp_path, shard):
     model.save_pretrained(tmp_path, **({} if shard is None else {"max_shard_size": shard}))
     files = sorted(p.name for p in tmp_path.iterdir())
     if shard is None:
-        assert files == ["config.json", "model.safetensors"]
+        # issue 11: the released layout plus generation_config.json and the module config.json's auto_map names
+        assert files == ["config.json", "generation_config.json", "model.safetensors", "modeling_sambay.py"]
     else:
         assert "model.safetensors.index.json" in files and "model.safetensors" not in files
         index = json.loads((tmp_path / "model.safetensors.index.json").read_text())

@@ -98,3 +98,26 @@ def test_peft_causal_lm_task_on_the_transformers_model():
     dead = [n for n, p in trainable.items() if ".lora_B." in n and (p.grad is None or not bool(p.grad.abs().sum() > 0))]
     assert not dead, f"adapters without gradient: {dead}"
     assert model.generate(input_ids=ids[:, :5], max_new_tokens=3).shape == (1, 8)
+
+
+def test_peft_causal_lm_task_on_the_plain_model(tmp_path):
+    """task_type="CAUSAL_LM" wraps the plain SambaYForCausalLM too (peft reads config.model_type, passes its
+    forward plumbing unset, records name_or_path); the adapter reloads onto a fresh base with the same logits."""
+    base = fixture_model("tiny8")
+    config = peft.LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False)
+    model = peft.get_peft_model(base, config)
+    assert type(model).__name__ == "PeftModelForCausalLM"
+    ids = load_fixture("tiny8")[1]["input_ids"]
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)
+    assert torch.equal(model.generate(input_ids=ids[:, :5], max_new_tokens=3)[:, :5], ids[:, :5])
+    model.save_pretrained(tmp_path)
+    import json
+
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
+        FIXTURES / "tiny8")
+    again = peft.PeftModel.from_pretrained(fixture_model("tiny8"), tmp_path)
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        assert torch.equal(again(input_ids=ids).logits, ref)
+        assert not torch.equal(fixture_model("tiny8")(ids).logits, ref)  # the adapters change the logits
