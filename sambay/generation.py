@@ -198,8 +198,8 @@ def decode_one_token(model, token: torch.Tensor, cache: SambaYCache, static: boo
     """One decode step: token (B,) -> next-token logits (B, V). Updates ``cache`` in place.
 
     ``static=True`` takes the position from ``cache.pos`` (a device tensor) with shapes independent of it:
-    the step to compile or capture in a CUDA graph. A replayed graph advances ``cache.pos`` itself; the
-    caller then advances the Python count ``cache.length`` by one per replay."""
+    the step to compile or capture in a CUDA graph. A replayed graph advances ``cache.pos`` itself, and
+    ``cache.length`` is re-read from it when next asked for."""
     return model(token[:, None], cache=cache, logits_to_keep=1, static=static).logits[:, -1]
 
 
@@ -233,7 +233,7 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
              generation_config=None, *, inputs: torch.Tensor | None = None,
              stopping_criteria: Callable | None = None, logits_processor: Callable | None = None,
              generator: torch.Generator | None = None, streamer: Any = None, cache: SambaYCache | None = None,
-             **kwargs):
+             compile: bool | str = False, **kwargs):
     """Generate after each (left-padded) prompt, with the transformers ``generate`` arguments.
 
     Args:
@@ -253,7 +253,12 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
         return_dict_in_generate, output_scores, output_logits: return an output with ``sequences`` and the
             per-step processed ``scores`` / raw ``logits`` (B, V) fp32.
         streamer: a Hugging Face style streamer (``put``/``end``) or a callable, given each new token (B,).
-        cache: an allocated SambaYCache to reuse (it is reset); default: a new one of size P + max_new_tokens.
+        cache: an allocated SambaYCache to reuse (it is reset); default: a new one of size P + max_new_tokens
+            (rounded up to a multiple of 256 with ``compile``, so that calls of similar lengths share a compilation).
+        compile: decode with the static step compiled once per (model, batch size, cache length) by
+            :func:`sambay.compiled.decode_step` (fullgraph; CUDA graphs on a GPU); the prefill stays eager. The
+            first call of a shape compiles (reported once on stderr) and the tokens equal the eager ones. A string
+            names the torch.compile backend (default "inductor").
     Returns:
         (B * num_return_sequences, P + n) token ids, n <= max_new_tokens (fewer only when every row finished);
         or the output object with return_dict_in_generate=True.
@@ -316,7 +321,8 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
     use_cache = bool(s["use_cache"])
     if use_cache:
         if cache is None:
-            cache = model.allocate_cache(B, P + max_new, device=device)
+            length = P + max_new if not compile else -(-(P + max_new) // 256) * 256
+            cache = model.allocate_cache(B, length, device=device)
         else:
             cache.reset()
     elif cache is not None:
@@ -336,6 +342,13 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
     if not use_cache and attention_mask is not None:
         full_mask = torch.ones(B, P + max_new, dtype=attention_mask.dtype, device=device)
         full_mask[:, :P] = attention_mask
+    step_fn = None
+    if compile:
+        if not use_cache:
+            raise ValueError("generate: compile=True compiles the cached decode step; it needs use_cache")
+        from sambay.compiled import decode_step
+
+        step_fn = decode_step(model, backend=compile if isinstance(compile, str) else "inductor")
     scores_out: list[torch.Tensor] = []
     logits_out: list[torch.Tensor] = []
     if streamer is not None and hasattr(streamer, "put"):
@@ -393,7 +406,9 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
                     break
             if n == max_new:
                 break
-            if use_cache:
+            if step_fn is not None:
+                logits = step_fn(token, cache)
+            elif use_cache:
                 logits = decode_one_token(model, token, cache)
             else:
                 mask = None if full_mask is None else full_mask[:, :P + n]

@@ -93,3 +93,19 @@ def test_inductor_compiled_step_equals_eager(model):
     step = decode_step(model, report=False)
     out, _ = _compiled_decode(step, model, ids, 3, 10)
     torch.testing.assert_close(out, _eager_decode(model, ids, 3), rtol=1e-4, atol=1e-5)
+    assert torch.equal(model.generate(ids[:, :3], max_new_tokens=6, compile=True),
+                       model.generate(ids[:, :3], max_new_tokens=6))
+
+
+@torch.no_grad()
+def test_generate_compiled_equals_generate(model):
+    """generate(compile=...) (the prefill eager, the static step compiled) gives generate()'s tokens, greedy and
+    with left padding; a second call of the same shape does not recompile."""
+    ids = torch.randint(0, 64, (2, 6))
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, :2] = 0
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=9)
+    for _ in range(2):
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=9, compile="aot_eager")
+        assert torch.equal(out, ref)
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])

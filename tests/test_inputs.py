@@ -97,8 +97,10 @@ def test_right_padding_is_exact_without_a_cache(model):
 def test_right_padding_is_refused_with_a_cache(model):
     """A right-padded prompt would generate continuations of its pad tokens: refused, with the remedy."""
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
-    with pytest.raises(ValueError, match="padding must be on the left.*padding_side = 'left'"):
+    with pytest.raises(ValueError, match="left padding.*padding_side = 'left'"):
         model.generate(_ids(2, 4), attention_mask=mask, max_new_tokens=2)
+    with pytest.raises(ValueError, match="padding must be on the left"):  # a hole: caught by the model's check
+        model.generate(_ids(2, 4), attention_mask=torch.tensor([[1, 0, 1, 1], [1, 1, 1, 1]]), max_new_tokens=2)
     cache = model.allocate_cache(2, 8)
     with pytest.raises(ValueError, match="padding must be on the left"):
         model(_ids(2, 4), attention_mask=mask, cache=cache)
