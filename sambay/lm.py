@@ -235,7 +235,8 @@ class CausalLMMixin:
         self.lm_head = value
 
     # ---- saving ---------------------------------------------------------------------------------
-    def _save(self, directory, config, generation_config: dict, state_dict=None, max_shard_size="5GB") -> None:
+    def _save(self, directory, config, generation_config: dict, state_dict=None, max_shard_size="5GB",
+              check_finite: bool = True) -> None:
         """Write the released layout (config.json + safetensors, by sambay.loading) plus generation_config.json
         and the auto_map module. ``config``: the SambaYConfig to write; ``state_dict``: weights to save instead of
         this model's own parameters (what Trainer passes)."""
@@ -253,7 +254,7 @@ class CausalLMMixin:
         else:
             shell.load_state_dict(state_dict, strict=True, assign=True)
             shell.tie_weights()
-        save_pretrained(shell, directory, max_shard_size=max_shard_size)
+        save_pretrained(shell, directory, max_shard_size=max_shard_size, check_finite=check_finite)
         directory = Path(directory)
         _write_atomic(directory / f"{AUTO_MODULE}.py", _AUTO_MODULE_SOURCE)
         _write_atomic(directory / GENERATION_CONFIG, json.dumps(generation_config, indent=2, sort_keys=True) + "\n")

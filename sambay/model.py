@@ -223,14 +223,18 @@ class SambaYModel(nn.Module):
             raise ValueError(f"input_ids: expected an integer tensor of shape (batch, tokens >= 1), got "
                              f"{_describe(ids)}")
         _check_device("input_ids", ids, weight)
-        # The range check costs a host sync: done where that is free (CPU) or once per call of many tokens;
-        # a single out-of-range token on CUDA still fails loudly (a device-side assert), never silently.
-        if (not ids.is_cuda or ids.shape[1] > 1) and not torch.compiler.is_compiling():
+        V = weight.shape[0]
+        # The range check costs a host sync: once per call of several tokens (a prefill), never per decode step.
+        # A decode token out of range still fails loudly: the lookup's IndexError on CPU (re-raised below), a
+        # device-side assert on CUDA.
+        if ids.shape[1] > 1 and not torch.compiler.is_compiling():
             lo, hi = (int(t) for t in torch.aminmax(ids))
-            if lo < 0 or hi >= weight.shape[0]:
-                raise ValueError(f"input_ids: expected token ids in [0, vocab_size={weight.shape[0]}), got ids in "
-                                 f"[{lo}, {hi}]")
-        return f32(self.embed_tokens(ids)), ids.shape[0], ids.shape[1]
+            if lo < 0 or hi >= V:
+                raise ValueError(f"input_ids: expected token ids in [0, vocab_size={V}), got ids in [{lo}, {hi}]")
+        try:
+            return f32(self.embed_tokens(ids)), ids.shape[0], ids.shape[1]
+        except IndexError:
+            raise ValueError(f"input_ids: expected token ids in [0, vocab_size={V}), got {ids.tolist()}") from None
 
     def _step(self, B: int, T: int, attention_mask, cache: SambaYCache | None, keep: int, device) -> Step:
         dtype = self.embed_tokens.weight.dtype
@@ -370,20 +374,22 @@ class SambaYForCausalLM(CausalLMMixin, SambaYGenerationMixin, nn.Module):
 
     # ---- loading and saving (the logic lives in sambay.loading) -------------------------------
     @classmethod
-    def from_pretrained(cls, path, dtype: torch.dtype | None = None, device=None) -> SambaYForCausalLM:
-        """A checkpoint directory or hub id; ``generation_config.json``, if present, sets generate()'s defaults."""
+    def from_pretrained(cls, path, dtype: torch.dtype | None = None, device=None, *,
+                        check_finite: bool = True) -> SambaYForCausalLM:
+        """A checkpoint directory or hub id; ``generation_config.json``, if present, sets generate()'s defaults.
+        check_finite: refuse NaN/inf weights, naming the tensor (one sum per tensor, ~0.1-0.25 s/GB)."""
         from sambay.loading import from_pretrained, resolve_checkpoint
 
         directory = resolve_checkpoint(path)
-        model = from_pretrained(directory, dtype=dtype, device=device, cls=cls)
+        model = from_pretrained(directory, dtype=dtype, device=device, cls=cls, check_finite=check_finite)
         model.generation_config = read_generation_config(directory)
         model.name_or_path = str(path)
         return model
 
-    def save_pretrained(self, directory, max_shard_size: int | str = "5GB") -> None:
+    def save_pretrained(self, directory, max_shard_size: int | str = "5GB", *, check_finite: bool = True) -> None:
         """config.json + safetensors (the released layout), generation_config.json, and ``modeling_sambay.py``
-        named by config.json's auto_map (see sambay.lm)."""
+        named by config.json's auto_map (see sambay.lm). check_finite: refuse to save NaN/inf weights."""
         c = self.config
         generation = {"bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id, "pad_token_id": c.pad_token_id,
                       **self.generation_config}
-        self._save(directory, c, generation, max_shard_size=max_shard_size)
+        self._save(directory, c, generation, max_shard_size=max_shard_size, check_finite=check_finite)

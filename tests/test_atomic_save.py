@@ -117,11 +117,13 @@ def test_stale_files_are_removed_after_a_complete_save(tmp_path, old_layout, new
     new.save_pretrained(d, **({} if new_shard is None else {"max_shard_size": new_shard}))
     names = sorted(p.name for p in d.iterdir())
     if new_shard is None:
-        assert names == ["config.json", "model.safetensors", "tokenizer.json"]
+        assert names == ["config.json", "generation_config.json", "model.safetensors", "modeling_sambay.py",
+                         "tokenizer.json"]
     else:
         index = json.loads((d / "model.safetensors.index.json").read_text())
         shards = sorted(set(index["weight_map"].values()))
-        assert names == sorted(["config.json", "model.safetensors.index.json", "tokenizer.json", *shards])
+        assert names == sorted(["config.json", "generation_config.json", "model.safetensors.index.json",
+                                "modeling_sambay.py", "tokenizer.json", *shards])
     assert _which(d, old, new) == "new"
 
 

@@ -317,3 +317,18 @@ def test_an_invalid_config_in_a_checkpoint_names_the_file(tmp_path):
     (d / "config.json").write_text("[]")
     with pytest.raises(ValueError, match=f"{d / 'config.json'}: expected a JSON object"):
         SambaYForCausalLM.from_pretrained(d)
+
+
+def test_check_finite_is_reachable_from_the_model_class(tmp_path):
+    """SambaYForCausalLM.from_pretrained/save_pretrained pass check_finite through to the loader and saver."""
+    from helpers import random_model
+
+    model = random_model()
+    with torch.no_grad():
+        model.model.layers[0].mlp.fc1.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="fc1.weight"):
+        model.save_pretrained(tmp_path / "a")
+    model.save_pretrained(tmp_path / "b", check_finite=False)
+    with pytest.raises(ValueError, match="fc1.weight"):
+        SambaYForCausalLM.from_pretrained(tmp_path / "b")
+    assert SambaYForCausalLM.from_pretrained(tmp_path / "b", check_finite=False).model.layers[0].mlp.fc1.weight.isnan().any()

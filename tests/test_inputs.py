@@ -32,6 +32,16 @@ def test_bad_input_ids_are_named(model, ids, words):
         model(ids)
 
 
+@pytest.mark.parametrize("token", [64, -1, 10**6])
+def test_an_out_of_range_decode_token_is_named(model, token):
+    """Decode steps skip the (syncing) range check; the lookup's own error is re-raised naming the argument."""
+    cache = model.allocate_cache(1, 4)
+    with torch.no_grad():
+        model(_ids(1, 2), cache=cache)
+        with pytest.raises(ValueError, match=rf"input_ids: expected token ids in \[0, vocab_size=64\), got \[\[{token}\]\]"):
+            model(torch.tensor([[token]]), cache=cache)
+
+
 def test_input_ids_and_embeds_are_exclusive(model):
     with pytest.raises(ValueError, match="exactly one of input_ids and inputs_embeds, got both"):
         model.model(_ids(1, 3), inputs_embeds=torch.zeros(1, 3, 32))
