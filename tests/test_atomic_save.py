@@ -58,6 +58,7 @@ def _save_old(d: Path, layout: str):
     (True, TypeError, "got True (bool)"), (1.5e9, TypeError, "got 1500000000.0 (float)"),
     (None, TypeError, "got None (NoneType)"),
 ])
+@pytest.mark.slow
 def test_a_bad_max_shard_size_writes_nothing(tmp_path, size, kind, words):
     old = _save_old(tmp_path / "ckpt", "single")
     before = _snapshot(tmp_path / "ckpt")
@@ -108,6 +109,7 @@ def test_non_finite_weights_are_not_saved_unless_asked(tmp_path):
 
 
 # ---- stale files of the other layout or of an older save never mix in ------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("old_layout, new_shard", [("sharded", None), ("single", NEW_SHARD), ("sharded", NEW_SHARD)])
 def test_stale_files_are_removed_after_a_complete_save(tmp_path, old_layout, new_shard):
     d = tmp_path / "ckpt"
@@ -128,6 +130,7 @@ def test_stale_files_are_removed_after_a_complete_save(tmp_path, old_layout, new
 
 
 # ---- a failure midway (a full disk) leaves the old checkpoint ------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("old_layout", ["single", "sharded"])
 @pytest.mark.parametrize("fail_at", ["second shard", "config.json"])
 def test_a_full_disk_midway_leaves_the_old_checkpoint_exactly(tmp_path, monkeypatch, old_layout, fail_at):
@@ -225,6 +228,7 @@ def _run_killer(scenarios: list[dict]) -> list[int]:
     return json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))[7:])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork and SIGKILL")
 def test_a_sigkill_at_any_step_loads_old_or_new_exactly_or_fails_loudly(tmp_path):
     layouts = {"sharded->sharded": ("sharded", NEW_SHARD), "single->sharded": ("single", NEW_SHARD),

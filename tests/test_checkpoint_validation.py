@@ -230,6 +230,7 @@ def test_a_cast_that_overflows_to_inf_is_reported(tmp_path):
             "torch.float32 to torch.float16 (beyond torch.float16's range, max |x| = 1e+06)") in str(e.value)
 
 
+@pytest.mark.slow
 def test_the_nan_screen_finds_one_value_in_a_large_half_tensor():
     from sambay.loading import _is_finite
 

@@ -24,6 +24,7 @@ def _checkpoint_with_tokenizer(tmp_path):
     return d
 
 
+@pytest.mark.slow
 def test_generate_streams_text_and_reports_speed_and_state(tmp_path, capsys):
     d = _checkpoint_with_tokenizer(tmp_path)
     assert main(["generate", "--model", str(d), "--prompt", "w5 w6 w7", "--max-new-tokens", "6"]) == 0
@@ -177,6 +178,7 @@ def test_user_errors_print_one_line_and_exit_2(tmp_path, capsys, case):
     assert not out.strip()
 
 
+@pytest.mark.slow
 def test_the_installed_command_exits_2_without_a_traceback(tmp_path):
     import subprocess
     import sys

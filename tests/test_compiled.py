@@ -31,6 +31,7 @@ def _compiled_decode(step, model, ids, prompt, length):
     return torch.stack(out, 1), cache
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_compiled_step_compiles_once_across_positions_and_caches(model):
     """20 positions crossing the window wrap (W = 5), then a second cache of the same shape: one graph, no
@@ -46,6 +47,7 @@ def test_compiled_step_compiles_once_across_positions_and_caches(model):
     assert not counters["graph_break"], dict(counters["graph_break"])
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_compiled_step_keeps_left_padding(model):
     ids = torch.randint(0, 64, (2, 12))
@@ -60,6 +62,7 @@ def test_compiled_step_keeps_left_padding(model):
         torch.testing.assert_close(step(ids[:, t], compiled), e, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_exported_step_equals_eager_over_several_steps(model):
     ids = torch.randint(0, 64, (1, 16))
@@ -76,6 +79,7 @@ def test_exported_step_equals_eager_over_several_steps(model):
     assert cache.length == 15
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_the_model_exports_with_its_output_dataclass(model):
     ids = torch.randint(0, 64, (1, 7))
@@ -97,6 +101,7 @@ def test_inductor_compiled_step_equals_eager(model):
                        model.generate(ids[:, :3], max_new_tokens=6))
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_generate_compiled_equals_generate(model):
     """generate(compile=...) (the prefill eager, the static step compiled) gives generate()'s tokens, greedy and

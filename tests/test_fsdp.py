@@ -92,6 +92,7 @@ def _run_workers(tmp_path) -> dict[str, torch.Tensor]:
     return load_file(tmp_path / "result.safetensors")
 
 
+@pytest.mark.slow
 def test_fsdp2_step_equals_single_process_step(tmp_path):
     got = _run_workers(tmp_path)
 

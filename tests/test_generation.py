@@ -25,6 +25,7 @@ def _decode_logits(model, ids, prompt_len, mask=None, chunk=1):
     return torch.cat(out, dim=1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["tiny8", "small16"])
 def test_teacher_forced_decode_matches_fixture_and_full_forward(name):
     _, inp, exp, dec = load_fixture(name)
@@ -61,6 +62,7 @@ def test_fixture_sees_the_difference_between_clean_and_buggy_decode():
     pytest.param(12, 30, 4, id="prompt-longer-than-window"),
     pytest.param(4, 26, 6, id="prompt-one-below-window"),
 ])
+@pytest.mark.slow
 def test_decode_matches_full_forward_across_window_wraps(prompt_len, total, window):
     model = random_model(seed=1, sliding_window=window)
     ids = torch.randint(0, model.config.vocab_size, (2, total))
@@ -188,6 +190,7 @@ def test_streamer_receives_each_new_token():
     assert s.ended and len(s.puts) == 4 and torch.equal(s.puts[0], ids[:1])  # the prompt first, as HF does
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left-padded"])
 def test_static_decode_step_equals_dynamic_decode(padded):
     """The shape-static step (position from cache.pos, attention over all slots) == the dynamic step."""

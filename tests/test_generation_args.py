@@ -60,6 +60,7 @@ def _reference(model, ids, mask, n, processors=(), warpers=(), sample=False, eos
     return seq, all_logits
 
 
+@pytest.mark.slow
 def test_greedy_with_max_length_and_a_generation_config_equals_the_reference(model, prompts):
     ids, mask = prompts
     ref, _ = _reference(model, ids, mask, 9)
@@ -73,6 +74,7 @@ def test_greedy_with_max_length_and_a_generation_config_equals_the_reference(mod
     assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=9, use_cache=False), ref)
 
 
+@pytest.mark.slow
 def test_repetition_penalty_equals_transformers_processor(model, prompts):
     ids, mask = prompts
     ref, _ = _reference(model, ids, mask, 10, processors=[lp.RepetitionPenaltyLogitsProcessor(1.8)])
@@ -81,6 +83,7 @@ def test_repetition_penalty_equals_transformers_processor(model, prompts):
     assert not torch.equal(out, model.generate(ids, attention_mask=mask, max_new_tokens=10))  # it did something
 
 
+@pytest.mark.slow
 def test_min_new_tokens_and_min_length_hold_back_eos(model, prompts):
     ids, mask = prompts
     free = model.generate(ids, attention_mask=mask, max_new_tokens=10)
@@ -110,6 +113,7 @@ def test_eos_lists_and_integer_types(model, prompts):
     pytest.param(dict(top_p=0.8, top_k=0), id="top_p"),
     pytest.param(dict(temperature=1.3, top_k=7, top_p=0.9, repetition_penalty=1.3), id="all"),
 ])
+@pytest.mark.slow
 def test_sampling_equals_transformers_warpers_under_the_same_seed(model, prompts, kw):
     ids, mask = prompts
     warpers = []

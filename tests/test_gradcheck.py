@@ -80,6 +80,7 @@ def _padding(B: int, T: int, pad: int) -> torch.Tensor | None:
     return valid
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pad", [pytest.param(0, id="unpadded"), pytest.param(2, id="left-padded")])
 @pytest.mark.parametrize("memory_producer", [pytest.param(False, id="gated"), pytest.param(True, id="memory")])
 def test_mamba_gradcheck(memory_producer, pad):
@@ -102,6 +103,7 @@ def _self_attention(plan_fn, pad):
     _check(layer, run, torch.randn(B, T, C, dtype=F64))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pad", [pytest.param(0, id="unpadded"), pytest.param(2, id="left-padded")])
 def test_sliding_attention_gradcheck(pad):
     # window 2 < T/2: the plan is several masked SDPA blocks
@@ -110,11 +112,13 @@ def test_sliding_attention_gradcheck(pad):
     _self_attention(plan_fn, pad)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pad", [pytest.param(0, id="unpadded"), pytest.param(2, id="left-padded")])
 def test_full_attention_gradcheck(pad):
     _self_attention(lambda T, valid, B: prefix_plan(0, T, T, valid, B, CPU), pad)
 
 
+@pytest.mark.slow
 def test_cross_attention_gradcheck():
     """Own queries; the shared K/V are inputs too, so the gradient that flows back to the KV producer
     layer is checked."""
@@ -141,6 +145,7 @@ def _tiny_config(**overrides) -> SambaYConfig:
     return random_config(**{**MICRO, **overrides})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pad", [pytest.param(0, id="unpadded"), pytest.param(2, id="left-padded")])
 def test_whole_model_gradcheck(pad):
     """All 8 layer roles (Mamba, sliding, memory Mamba, full, GMU, cross) and the tied head: logits are
@@ -155,6 +160,7 @@ def test_whole_model_gradcheck(pad):
     _check(model, lambda m, ids: m(ids, attention_mask=mask).logits, ids, fast=True)
 
 
+@pytest.mark.slow
 def test_whole_model_gradcheck_detects_a_wrong_backward():
     """The harness can fail: parameters really are substituted, so a mixer whose backward is scaled
     by 2 (a wrong gradient for every parameter upstream of it) makes gradcheck raise."""

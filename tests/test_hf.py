@@ -111,6 +111,7 @@ def test_auto_model_applies_config_overrides_and_rejects_mismatched_ones(hf):
         hf.Phi4FlashForCausalLM.from_pretrained(d, quantization_config={"bits": 4})
 
 
+@pytest.mark.slow
 def test_generate_and_gradient_checkpointing_go_through_sambay(hf):
     from transformers import AutoModelForCausalLM
 
@@ -144,6 +145,7 @@ def _run_python(code: str) -> None:
     assert r.returncode == 0, r.stderr
 
 
+@pytest.mark.slow
 def test_without_transformers_importing_and_registering_do_nothing():
     _run_python("import sys; sys.modules['transformers'] = None\n"
                 "import sambay, sambay.hf\n"
@@ -151,6 +153,7 @@ def test_without_transformers_importing_and_registering_do_nothing():
                 "assert sambay.hf.Phi4FlashConfig is None and sambay.hf.Phi4FlashForCausalLM is None\n")
 
 
+@pytest.mark.slow
 def test_registering_is_light_and_the_model_class_comes_with_the_first_config(hf):
     """register() leaves PreTrainedModel (torch._dynamo, triton) unimported; a fresh process still gets
     sambay's model from AutoModelForCausalLM, defined when AutoConfig builds the first phi4flash config."""

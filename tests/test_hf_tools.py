@@ -54,6 +54,7 @@ def _words(ids) -> str:
 
 
 # ---- pipeline -------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_text_generation_pipeline_equals_sambay_greedy(ckpt):
     pipe = transformers.pipeline("text-generation", model=str(ckpt), device="cpu")
     assert type(pipe.model) is hf.Phi4FlashForCausalLM and pipe.model.can_generate()
@@ -130,6 +131,7 @@ def _trainer(model, out_dir, checkpointing: bool):
     return transformers.Trainer(model=model, args=args, train_dataset=_Rows())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cls", ["hf", "sambay"])
 def test_trainer_with_gradient_checkpointing_trains_and_matches_plain_gradients(tmp_path, cls):
     load = (lambda: AutoModelForCausalLM.from_pretrained(FIXTURES / "tiny8")) if cls == "hf" else \
@@ -215,6 +217,7 @@ def test_from_pretrained_accepts_the_standard_arguments_at_their_defaults(ckpt):
         hf.Phi4FlashForCausalLM.from_pretrained(ckpt, gguf_file="x.gguf")
 
 
+@pytest.mark.slow
 def test_peft_adapter_records_its_base_model(ckpt, tmp_path):
     peft = pytest.importorskip("peft")
     base = AutoModelForCausalLM.from_pretrained(ckpt)

@@ -82,6 +82,7 @@ def test_missing_paths_give_clear_errors(tmp_path):
         SambaYForCausalLM.from_pretrained(tmp_path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shard", [None, 100_000], ids=["single-file", "sharded"])
 def test_save_load_round_trip_is_bitwise(tmp_path, shard):
     _, inp, _, _ = load_fixture("small16")

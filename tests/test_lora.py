@@ -28,6 +28,7 @@ def _inputs():
     return inputs["input_ids"], inputs["attention_mask"]
 
 
+@pytest.mark.slow
 def test_lora_targets_every_named_projection_and_only_adapters_train():
     model, expected_targets = _lora_model()
     adapted = sorted(n.removeprefix("base_model.model.") for n, m in model.named_modules()
@@ -39,6 +40,7 @@ def test_lora_targets_every_named_projection_and_only_adapters_train():
     assert len(trainable) == 2 * len(expected_targets)
 
 
+@pytest.mark.slow
 def test_every_adapter_receives_a_gradient():
     """lora_B starts at zero, so at step 0 only lora_B has a gradient: every one must have a nonzero one
     (an adapter whose module the model bypasses, e.g. by reading ``.weight`` directly, gets none)."""
@@ -51,6 +53,7 @@ def test_every_adapter_receives_a_gradient():
     assert all(p.grad is None for n, p in model.named_parameters() if not p.requires_grad)
 
 
+@pytest.mark.slow
 def test_lora_training_changes_only_adapters_and_merges_exactly():
     model, _ = _lora_model()
     ids, mask = _inputs()
@@ -100,6 +103,7 @@ def test_peft_causal_lm_task_on_the_transformers_model():
     assert model.generate(input_ids=ids[:, :5], max_new_tokens=3).shape == (1, 8)
 
 
+@pytest.mark.slow
 def test_peft_causal_lm_task_on_the_plain_model(tmp_path):
     """task_type="CAUSAL_LM" wraps the plain SambaYForCausalLM too (peft reads config.model_type, passes its
     forward plumbing unset, records name_or_path); the adapter reloads onto a fresh base with the same logits."""

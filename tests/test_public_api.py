@@ -1,3 +1,5 @@
+import pytest
+
 import sambay
 
 
@@ -8,6 +10,7 @@ def test_public_api_is_pinned():
         assert getattr(sambay, name) is not None
 
 
+@pytest.mark.slow
 def test_import_pulls_in_no_optional_cuda_package():
     import subprocess
     import sys

@@ -67,6 +67,7 @@ def _with_config(model: SambaYForCausalLM, **changes) -> SambaYForCausalLM:
     return other
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_gives_the_same_gradients():
     """With dropout on, so the recomputation must replay the same random masks."""
     _, inputs, _, _ = load_fixture("small16")
@@ -133,6 +134,7 @@ def test_train_applies_dropout_and_eval_removes_it(changes):
     assert (train2 - train1).abs().max() > 1e-2
 
 
+@pytest.mark.slow
 def test_a_few_optimizer_steps_drive_the_loss_down():
     torch.manual_seed(0)
     model = random_model(seed=0).train()

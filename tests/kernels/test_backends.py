@@ -112,6 +112,7 @@ def _op_calls():
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(_op_calls()))
 def test_public_ops_compile_without_graph_breaks_on_cpu(name):
     """torch._dynamo.explain over each public op with CPU tensors: one graph, no break from dispatch."""
@@ -137,6 +138,7 @@ def test_cached_probes_are_plain_values_under_compile(monkeypatch):
     assert explanation.graph_break_count == 0, explanation.break_reasons
 
 
+@pytest.mark.slow
 def test_static_decode_step_has_no_graph_break_on_cpu():
     """The model's static decode step (tiny8) traces as one graph on CPU: dispatch adds no break (issue 12 counted
     15-19, all from the availability probes' imports)."""

@@ -123,6 +123,7 @@ KERNEL_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.triton
 @pytest.mark.parametrize("shape,p_invisible,geometry", KERNEL_CASES)
 def test_kernel_matches_twin(shape, p_invisible, geometry, interp_device, poison_empty):
@@ -140,6 +141,7 @@ def test_kernel_matches_twin(shape, p_invisible, geometry, interp_device, poison
         assert torch.equal(out[-1], torch.zeros_like(out[-1]))                 # exactly 0, not NaN
 
 
+@pytest.mark.slow
 @pytest.mark.triton
 def test_kernel_ring_wrap(interp_device, poison_empty):
     """A sliding ring of 8 slots after 23 positions (slot p % 8 holds position p, so slots are out of position
@@ -178,6 +180,7 @@ def test_kernel_ring_wrap(interp_device, poison_empty):
     assert torch.equal(out[1], torch.zeros_like(out[1]))
 
 
+@pytest.mark.slow
 @pytest.mark.triton
 def test_kernel_views_of_the_full_cache(interp_device, poison_empty):
     """The full-attention layer's K/V: the views FullKV.write returns (the first 34 of 50 positions) with
@@ -211,6 +214,7 @@ def test_kernel_empty_context(interp_device):
     assert torch.equal(diff_decode_ref(q, k, v, valid, 0.5, 0.25), out)
 
 
+@pytest.mark.slow
 @pytest.mark.triton
 def test_kernel_lam_forms_agree(interp_device):
     q, k, v, valid = _inputs(1, 4, 2, 20, 16, device=interp_device)
@@ -229,6 +233,7 @@ def _judge_low_precision(got, q, k, v, valid, lam, scale):
     assert (err <= bound).all(), f"max error {err.max():.3g} over the bound (max bound {bound.max():.3g})"
 
 
+@pytest.mark.slow
 @pytest.mark.triton
 def test_kernel_fp16(interp_device):
     """fp16 (the interpreter's bf16 tl.dot is wrong, so bf16 is checked on CUDA only)."""
@@ -356,6 +361,7 @@ def test_bytes_match_the_launcher(interp_device, poison_empty):
 
 
 # ------------------------------------------------------------------------------------ GPU compilation
+@pytest.mark.slow
 def test_gpu_codegen(gpu_codegen):
     """Without a GPU: both kernels compile for sm_90 and sm_80 at SambaY's head dim, bf16 and fp32, with the
     launcher's tiles and pipeline depth; the bf16 dots run on tensor cores, the shared memory fits the ~99 KB
@@ -410,6 +416,7 @@ def test_cuda_bf16_sambay_shapes(B, S):
     assert math.isfinite(out.float().abs().max().item())
 
 
+@pytest.mark.slow
 @pytest.mark.triton
 def test_model_decode_through_the_kernel_equals_the_twin(interp_device, monkeypatch):
     """The model's decode steps (sliding ring, shared K/V, cross layers; dynamic and static) with the decode

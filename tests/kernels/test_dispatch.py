@@ -139,6 +139,7 @@ def test_no_submodule_shadows_a_public_name(name):
     assert callable(getattr(kernels, name))
 
 
+@pytest.mark.slow
 def test_fresh_process_without_interpreter():
     """In a clean interpreter with TRITON_INTERPRET unset: importing sambay.kernels imports no triton,
     "auto" on CPU works, and "triton" on CPU raises the clear error."""

@@ -249,6 +249,7 @@ def test_backward_skips_unneeded_grads(needs, kernel_device):
             torch.testing.assert_close(t.grad, r.grad, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_fp64_gradcheck(kernel_device):
     """fp64 inputs compute in fp64 (like the twin), so gradcheck holds through the Triton backward."""
     u = _randn(2, 3, 2 * 5, dtype=torch.float64, device=kernel_device, seed=60).requires_grad_()
@@ -259,6 +260,7 @@ def test_fp64_gradcheck(kernel_device):
     assert torch.autograd.gradcheck(lambda t: silu_mul_triton(*halves(t)), (u,))
 
 
+@pytest.mark.slow
 def test_gpu_codegen_vectorizes(gpu_codegen):
     """Without a GPU: the kernels compile for sm_80 and sm_90, and bf16 fused halves (C = 4096, so row
     strides and the value pointer are 16-byte aligned) get 16-byte vector loads and stores."""

@@ -125,6 +125,7 @@ def _judge(actual, twin, exact, dtype):
 
 
 # ------------------------------------------------------------------------------------------------ forward
+@pytest.mark.slow
 @pytest.mark.parametrize("tiles", TILES)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -141,6 +142,7 @@ def test_forward_matches_twin(dtype, layout, tiles, kernel_device, poison_empty)
     _judge(out, twin, _exact(x, w, m), dtype)
 
 
+@pytest.mark.slow
 def test_reads_stay_inside_the_views(kernel_device, poison_empty):
     """x, W and memory sit inside NaN-filled storage: a read outside a view (bad mask) shows as NaN."""
     M = 37
@@ -179,6 +181,7 @@ def test_bad_arguments_raise():
 
 
 # ----------------------------------------------------------------------------------------------- backward
+@pytest.mark.slow
 @pytest.mark.parametrize("cot_kind", ["random", "strided", "expanded"])
 @pytest.mark.parametrize("tiles", TILES)
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -237,6 +240,7 @@ def test_backward_computes_only_needed_grads(needs, kernel_device):
                     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_fp64_gradcheck(kernel_device):
     """fp64 inputs accumulate and gate in fp64, so gradcheck holds through the Triton backward."""
     x = _randn(2, 3, 4, dtype=torch.float64, device=kernel_device, seed=60).requires_grad_()
@@ -246,6 +250,7 @@ def test_fp64_gradcheck(kernel_device):
     assert torch.autograd.gradcheck(gmu_triton, (x, w, m))
 
 
+@pytest.mark.slow
 def test_gpu_codegen_uses_tensor_cores(gpu_codegen):
     """Without a GPU: both kernels compile for sm_90 (and the bf16 forward for sm_80) with the launcher's
     bf16 and fp32 tiles; bf16 runs on tensor cores (wgmma on Hopper, mma.sync on Ampere) with 16-byte

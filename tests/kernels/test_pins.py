@@ -69,6 +69,7 @@ def test_mamba_minimum_imports_with_the_resolved_transformers():
     assert not missing, f"mamba-ssm {line} imports {missing} from transformers.generation, absent in {installed}"
 
 
+@pytest.mark.slow
 def test_installed_mamba_imports_exist_in_transformers():
     """If mamba-ssm is installed (CI installs 2.3.2.post1 Python-only), read what its sources import from
     transformers and check every name exists."""

@@ -112,6 +112,7 @@ def test_mamba_forward_bf16_through_upstream(force_cuda, T):
     assert rel_err(fast_mem, ref_mem) <= 2 * rel_err(twin_mem, ref_mem) + 1e-3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("memory_producer", [False, True], ids=["gated", "memory"])
 def test_mamba_decode_steps_through_upstream(force_cuda, dtype, memory_producer):
@@ -129,6 +130,7 @@ def test_mamba_decode_steps_through_upstream(force_cuda, dtype, memory_producer)
         assert rel_err(fast_mem, twin_mem) <= tol
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("T", [5, 128])
 def test_tiny_model_forward_and_decode_through_upstream(force_cuda, T):
     """The whole tiny8 model, fp32, CUDA adapters forced (Mamba scan/conv, Triton gating), then 3 decode steps,
@@ -158,6 +160,7 @@ def test_tiny_model_forward_and_decode_through_upstream(force_cuda, T):
     assert upstream_fakes.CALLS == calls  # the twins' run reached no upstream code
 
 
+@pytest.mark.slow
 def test_tiny_model_bf16_through_upstream(force_cuda, monkeypatch):
     """bf16, T = 128: flash-attn (causal and sliding window) as well; judged against the fp32 model. The Triton
     gating kernels keep to the twin here: Triton's CPU interpreter computes bf16 tl.dot wrongly (test_gmu.py)."""
