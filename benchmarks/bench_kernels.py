@@ -22,6 +22,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+
 import torch
 
 from sambay.kernels import gmu, gmu_ref, has_triton, silu_mul, silu_mul_ref

@@ -119,7 +119,8 @@ def c1_slope_ratio(points: list[dict], joint: bool = False) -> Estimate:
     problems = [f"{n} slope {1e9 * b:.3g} ns/token is not positive" for n, (_, b, _) in fits.items() if b <= 0]
     problems += [f"{n} line fits poorly (R^2 {r2:.2f} < {MIN_R2})" for n, (_, _, r2) in fits.items() if r2 < MIN_R2]
     return Estimate(fits["sambay"][1] / fits["phi3"][1], bootstrap(slope_ratio, groups, joint=joint),
-                    f"N={','.join(map(str, xs))}", at_target_size=len(xs) >= 3 and xs[0] <= 512 and xs[-1] >= 16384, problems=problems,
+                    f"N={','.join(map(str, xs))}", at_target_size=len(xs) >= 3 and xs[0] <= 512 and xs[-1] >= 16384,
+                    problems=problems,
                     detail={n: {"a_s": a, "b_s_per_token": b, "r2": r2} for n, (a, b, r2) in fits.items()})
 
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import MICRO, random_config, randomize
 from torch.autograd import gradcheck
 from torch.autograd.gradcheck import GradcheckError
-from helpers import MICRO, random_config, randomize
 from torch.func import functional_call
 
 from sambay import SambaYConfig, SambaYForCausalLM

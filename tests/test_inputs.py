@@ -38,7 +38,8 @@ def test_an_out_of_range_decode_token_is_named(model, token):
     cache = model.allocate_cache(1, 4)
     with torch.no_grad():
         model(_ids(1, 2), cache=cache)
-        with pytest.raises(ValueError, match=rf"input_ids: expected token ids in \[0, vocab_size=64\), got \[\[{token}\]\]"):
+        words = rf"input_ids: expected token ids in \[0, vocab_size=64\), got \[\[{token}\]\]"
+        with pytest.raises(ValueError, match=words):
             model(torch.tensor([[token]]), cache=cache)
 
 
@@ -191,8 +192,8 @@ def test_static_steps_keep_length_in_step_with_pos(model):
     assert cache.length == 5 and int(cache.pos) == 5
 
 
-@pytest.mark.parametrize("labels", [torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 3), torch.zeros(3, dtype=torch.long)],
-                         ids=["shape", "float", "1d"])
+@pytest.mark.parametrize("labels", [torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 3),
+                                    torch.zeros(3, dtype=torch.long)], ids=["shape", "float", "1d"])
 def test_bad_labels_are_named(model, labels):
     with pytest.raises(ValueError, match=r"labels: expected an integer tensor of shape \(1, 3\)"):
         model(_ids(1, 3), labels=labels)

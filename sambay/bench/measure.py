@@ -32,7 +32,7 @@ def decode_step_seconds(subjects: list, batch: int, context: int, repeats: int, 
     timed ``repeats`` times, interleaved, ``steps`` steps per sample (the context grows by one per step)."""
     room = warmup + repeats * steps + 1
     states = {s.name: s.random_decode_state(batch, context, room) for s in subjects}
-    fns = {s.name: (lambda s=s: s.decode_step(states[s.name])) for s in subjects}
+    fns = {s.name: (lambda s=s: s.decode_step(states[s.name])) for s in subjects}  # noqa: F821
     samples = interleaved(fns, repeats, inner=steps, warmup=warmup, device=subjects[0].device)
     del states, fns
     _free()
@@ -47,7 +47,7 @@ def decode_step_seconds_vs_context(subjects: list, contexts: list[int], repeats:
     of bending it at one point. Returns {"points": [one decode_step_seconds-shaped dict per context]}."""
     room = warmup + repeats * steps + 1
     states = {f"{n}/{s.name}": s.random_decode_state(1, n, room) for n in contexts for s in subjects}
-    fns = {f"{n}/{s.name}": (lambda k=f"{n}/{s.name}", s=s: s.decode_step(states[k])) for n in contexts
+    fns = {f"{n}/{s.name}": (lambda k=f"{n}/{s.name}", s=s: s.decode_step(states[k])) for n in contexts  # noqa: F821
            for s in subjects}
     samples = interleaved(fns, repeats, inner=steps, warmup=warmup, device=subjects[0].device)
     del states, fns

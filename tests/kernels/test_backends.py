@@ -66,7 +66,7 @@ def test_cpu_dispatch_calls_no_probe(monkeypatch):
     def boom(family):
         raise AssertionError(f"probe({family!r}) called for CPU tensors")
     monkeypatch.setattr(dispatch, "probe", boom)
-    for name, (fn, args) in _op_calls().items():
+    for fn, args in _op_calls().values():
         fn(*args)  # "auto"
         fn(*args, backend="torch")
 

@@ -21,8 +21,7 @@ import pytest
 import torch
 
 from sambay import kernels
-from sambay.kernels import dispatch
-from sambay.kernels import gmu, gmu_ref, silu_mul, silu_mul_ref
+from sambay.kernels import dispatch, gmu, gmu_ref, silu_mul, silu_mul_ref
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -15,8 +15,8 @@ from helpers import max_abs_err
 
 pytest.importorskip("triton")
 
-from sambay.kernels.triton_silu_mul import _as_rows, _silu_mul_bwd, _silu_mul_fwd, silu_mul_triton
 from sambay.kernels.reference import silu_mul_ref
+from sambay.kernels.triton_silu_mul import _as_rows, _silu_mul_bwd, _silu_mul_fwd, silu_mul_triton
 
 pytestmark = pytest.mark.triton
 
@@ -325,7 +325,8 @@ def test_cuda_bf16_realistic(rows, c, within_ulps):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_auto_dispatch_uses_triton(monkeypatch):
     """backend="auto" sends CUDA tensors to the Triton kernel."""
-    from sambay.kernels import silu_mul, triton_silu_mul as gating
+    from sambay.kernels import silu_mul
+    from sambay.kernels import triton_silu_mul as gating
 
     calls = []
     real = gating.silu_mul_triton

@@ -18,8 +18,8 @@ from helpers import max_abs_err
 pytest.importorskip("triton")
 import triton.language as tl
 
-from sambay.kernels.triton_gmu import _gmu_bwd, _gmu_fwd, gmu_triton
 from sambay.kernels.reference import gmu_ref, silu_mul_ref
+from sambay.kernels.triton_gmu import _gmu_bwd, _gmu_fwd, gmu_triton
 
 pytestmark = pytest.mark.triton
 
@@ -318,7 +318,8 @@ def test_cuda_bf16_realistic(rows, c, e):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_auto_dispatch_uses_triton(monkeypatch):
     """backend="auto" sends CUDA tensors to the Triton kernel."""
-    from sambay.kernels import gmu, triton_gmu as gmu_matmul
+    from sambay.kernels import gmu
+    from sambay.kernels import triton_gmu as gmu_matmul
 
     calls = []
     real = gmu_matmul.gmu_triton
