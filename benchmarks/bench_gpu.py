@@ -19,7 +19,11 @@ interval straddles the target, NOT MEASURED AT TARGET SIZE off the named sizes, 
       (``static=True``) captured once and replayed as the real decode. Target >= 2. ``--compile`` also
       times torch.compile (no CUDA graphs, dynamic shapes) of the eager step; compilation takes minutes,
       so it is off by default.
-G4 (fused kernels) is benchmarks/bench_kernels.py; G5 (K/V bytes per step) is not measured here.
+  G5  K/V bytes per decode step: what the differential decode kernel (sambay.kernels.diff_decode) reads per
+      step, summed over the layers (the full and cross layers over the shared K/V, the sliding layers over
+      their windows), beside the ideal (every K and V byte once); on CUDA also the kernel's time over the
+      shared K/V at the long context and its achieved bandwidth over the measured copy bandwidth.
+G4 (fused kernels) is benchmarks/bench_kernels.py.
 Results: a table on stdout and ``gpu_results.json`` in ``--out``.
 """
 
@@ -187,6 +191,50 @@ def _ratio_estimate(num: list[float], den: list[float], at: str, at_size: bool =
     return T.Estimate(r["value"], tuple(r["interval"]), at, at_target_size=at_size)
 
 
+def kv_bytes_per_step(cfg, args, dtype, device, bw, progress) -> dict:
+    """G5: per decode step, the bytes the differential decode kernel moves (summed over the attention layers)
+    and the ideal; on CUDA the kernel timed over the shared K/V at the long context."""
+    from sambay.kernels.diff_decode import diff_decode, diff_decode_bytes
+
+    Hq, G, D = cfg.num_attention_heads, cfg.num_kv_pairs, cfg.head_dim
+    roles = cfg.layer_types
+    shared = sum(r in ("full_attention", "cross_attention") for r in roles)
+    sliding = sum(r == "sliding_attention" for r in roles)
+    out = {}
+    for N in (args.short, args.long):
+        dev = torch.device(device)
+        full = diff_decode_bytes(1, Hq, G, N, D, dtype, device=dev if dev.type == "cuda" else None)
+        ring = diff_decode_bytes(1, Hq, G, min(cfg.sliding_window, N), D, dtype,
+                                 device=dev if dev.type == "cuda" else None)
+        kernel = shared * full.kernel + sliding * ring.kernel
+        ideal = shared * full.ideal + sliding * ring.ideal
+        out[N] = {"kernel_bytes": kernel, "ideal_bytes": ideal, "ratio": kernel / ideal,
+                  "splits_shared": full.num_splits}
+        progress(f"G5 at {N}: {kernel / 1e6:.1f} MB read per step by the decode attention vs {ideal / 1e6:.1f} MB "
+                 f"ideal ({kernel / ideal:.3f}x; {shared} layers over the shared K/V, {sliding} sliding)")
+    if torch.device(device).type == "cuda":
+        N = args.long
+        q = torch.randn(1, Hq, D, device=device, dtype=dtype)
+        k = torch.randn(1, 2, G, N, D, device=device, dtype=dtype)
+        v = torch.randn(1, G, N, 2 * D, device=device, dtype=dtype)
+        valid = torch.ones(1, N, dtype=torch.bool, device=device)
+        lam = torch.tensor(0.3, device=device)
+        for _ in range(3):
+            diff_decode(q, k, v, valid, lam, D ** -0.5)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(20):
+            diff_decode(q, k, v, valid, lam, D ** -0.5)
+        torch.cuda.synchronize()
+        sec = (time.perf_counter() - t) / 20
+        moved = diff_decode_bytes(1, Hq, G, N, D, dtype, device=torch.device(device)).kernel
+        out["kernel_s_shared_long"] = sec
+        out["kernel_bandwidth_over_copy"] = moved / sec / bw
+        progress(f"G5 kernel over the shared K/V at {N}: {1e6 * sec:.1f} us, {moved / sec / 1e9:.0f} GB/s "
+                 f"({moved / sec / bw:.2f}x the copy bandwidth)")
+    return out
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = args.device
@@ -250,6 +298,9 @@ def main(argv=None) -> int:
                 statistics.median(b1[args.long]) / statistics.median(b1[args.short]),
                 sb.bootstrap(lambda m: m[1]["s"] / m[0]["s"], [{"s": b1[args.short]}, {"s": b1[args.long]}]),
                 f"N={args.short}, {args.long}", at_target_size=(args.short, args.long) == (4096, 32768))
+
+        # G5: bytes the decode attention reads per step, against the ideal
+        results["g5"] = guarded("g5", lambda: kv_bytes_per_step(cfg, args, dtype, device, bw, progress))
 
         # G6: graph replay vs eager at the short context (CUDA only)
         if torch.device(device).type == "cuda":

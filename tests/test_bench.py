@@ -284,6 +284,8 @@ def test_gpu_script_runs_on_cpu_with_a_tiny_model(bench_scripts, tmp_path, capsy
         assert r["verdicts"][key]["verdict"] == "NOT MEASURED AT TARGET SIZE", key  # tiny sizes judge nothing
     out = capsys.readouterr().out
     assert all(g in out for g in ("G1", "G2", "G3", "G6"))
+    for n, g5 in r["g5"].items():  # the decode attention's bytes per step, beside the ideal (K and V once)
+        assert g5["ideal_bytes"] > 0 and 1.0 <= g5["ratio"] < 1.2, (n, g5)
 
 
 def test_cache_seek_declares_positions_written_and_leaves_buffers_alone():
