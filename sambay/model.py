@@ -157,7 +157,6 @@ class SambaYModel(nn.Module):
             static: one decode token whose position is read from ``cache.pos`` (a device tensor) and whose
                 tensor shapes do not depend on it, so the step can be captured in a CUDA graph or compiled
                 once. Attends over all ``max_length`` slots (masked), so it only pays off on a GPU.
-            inputs_embeds: (B, T, C) instead of input_ids (soft prompts): what embed_tokens would return.
             output_hidden_states: also return the N+1 hidden states in the model dtype (HF convention): the
                 embeddings, then the residual stream after each layer, the last replaced by the final-norm output.
                 Entries from the shared-KV layer on have the kept rows only.
