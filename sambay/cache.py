@@ -273,7 +273,7 @@ class SambaYCache:
         return next((s for s in self.layers if isinstance(s, SlidingKV)), None)
 
     # ---- the protocol: the only writers of length / pos / valid ------------------------------------
-    def check(self, config: SambaYConfig, batch_size: int, new_tokens: int, dtype: torch.dtype,
+    def check(self, config: SambaYConfig, batch_size: int, new_tokens: int | None, dtype: torch.dtype,
               device: torch.device) -> None:
         """Raise a CacheError (before anything is written) if this call cannot continue the cache."""
         if self._invalid is not None:

@@ -78,6 +78,23 @@ def randomize(module: torch.nn.Module, seed: int, vector_std: float = 0.1, dtype
     return module
 
 
+def random_mamba(C: int, E: int, d_state: int, dt_rank: int, memory_producer: bool = False, seed: int = 0,
+                 dtype: torch.dtype = torch.float32, conv_bias_std: float | None = None):
+    """A Mamba layer with its own initialisation, then A and D moved off their init values (so a wrong A or D
+    shows) and, with conv_bias_std, a random conv bias."""
+    from sambay.layers import Mamba
+
+    torch.manual_seed(seed)
+    m = Mamba(C, E, d_state=d_state, d_conv=4, dt_rank=dt_rank, memory_producer=memory_producer)
+    m.reset_parameters()
+    with torch.no_grad():
+        m.A_log.add_(torch.randn_like(m.A_log) * 0.3)
+        m.D.normal_(1, 0.2)
+        if conv_bias_std is not None:
+            m.conv1d.bias.normal_(0, conv_bias_std)
+    return m.to(dtype)
+
+
 def max_abs_err(actual: torch.Tensor, exact: torch.Tensor) -> float:
     """max |actual - exact| in float64."""
     return (actual.double() - exact.double()).abs().max().item()

@@ -15,10 +15,9 @@ from __future__ import annotations
 import pytest
 import torch
 import upstream_fakes
-from helpers import fixture_model, rel_err
+from helpers import fixture_model, random_mamba, rel_err
 
 from sambay.cache import MambaState
-from sambay.layers import Mamba
 
 pytestmark = pytest.mark.skipif(bool(upstream_fakes.missing()),
                                 reason=f"upstream packages not installed: {upstream_fakes.missing()} "
@@ -52,14 +51,7 @@ def force_cuda(upstream, monkeypatch):
 
 
 def _mamba(dtype, memory_producer=False, seed=0, C=32, E=64):
-    torch.manual_seed(seed)
-    m = Mamba(C, E, d_state=8, d_conv=4, dt_rank=4, memory_producer=memory_producer)
-    m.reset_parameters()
-    with torch.no_grad():
-        m.A_log.add_(torch.randn_like(m.A_log) * 0.3)
-        m.D.normal_(1, 0.2)
-        m.conv1d.bias.normal_(0, 0.1)
-    return m.to(dtype)
+    return random_mamba(C, E, 8, 4, memory_producer, seed, dtype, conv_bias_std=0.1)
 
 
 def _state(m, B, dtype):

@@ -1,20 +1,13 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close
+from helpers import assert_close, random_mamba
 
 from sambay.cache import MambaState
-from sambay.layers import Mamba
 
 
 def _mamba(memory_producer=False, seed=0, E=24, C=16):
-    torch.manual_seed(seed)
-    m = Mamba(C, E, d_state=4, d_conv=4, dt_rank=3, memory_producer=memory_producer)
-    m.reset_parameters()
-    with torch.no_grad():
-        m.A_log.add_(torch.randn_like(m.A_log) * 0.3)
-        m.D.normal_(1, 0.2)
-    return m.double()
+    return random_mamba(C, E, 4, 3, memory_producer, seed, torch.float64)
 
 
 def _state(m, B):
