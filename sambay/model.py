@@ -23,6 +23,7 @@ from sambay.cache import KeyColumns, SambaYCache
 from sambay.config import SambaYConfig
 from sambay.generation import SambaYGenerationMixin
 from sambay.kernels.reference import f32
+from sambay.layers.linear import Linear
 from sambay.layers import GMU, MLP, Attention, AttnCall, CrossAttention, DiffAttentionCore, Mamba
 from sambay.lm import CausalLMMixin, CausalLMOutput, causal_lm_loss, read_generation_config
 from sambay.masks import prefix_plan, static_plans, window_plan
@@ -329,7 +330,7 @@ class SambaYForCausalLM(CausalLMMixin, SambaYGenerationMixin, nn.Module):
         super().__init__()
         self.config = config
         self.model = SambaYModel(config, device=device, dtype=dtype)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device=device, dtype=dtype)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False, device=device, dtype=dtype)
         # generation_config.json of the checkpoint (a dict of the keys it sets): generate()'s defaults.
         self.generation_config: dict = {}
         self.name_or_path = ""

@@ -45,6 +45,9 @@ FAST_PATHS = {
     "decode": ("triton", "triton", ("triton", "triton.language")),
 }
 _TRITON_FAMILIES = ("gating", "decode")  # sambay's own Triton kernels: runnable on CPU under the interpreter
+# Families whose fast path runs on CPU tensors: sambay's compiled CPU kernels (sambay.kernels.cpu_native), built
+# on first use. "auto" takes them for CPU tensors; "cuda" (insisting on a GPU fast path) has none to insist on.
+CPU_FAST_PATHS = {"linear": "sambay_cpu"}
 
 # family -> None (available) or the reason it is not; filled by probe(), read as a plain dict lookup.
 _PROBES: dict[str, str | None] = {}
@@ -110,6 +113,8 @@ def use_fast(family: str, backend: str, tensors: tuple[torch.Tensor, ...], unsup
     check_backend(backend)
     if backend == "torch":
         return False
+    if family in CPU_FAST_PATHS:
+        return _use_cpu(family, backend, tensors, unsupported)
     cuda = on_cuda(*tensors)
     if backend == "auto":
         # CPU tensors: decided here, before any probe or import (compile-safe).
@@ -131,6 +136,32 @@ def use_fast(family: str, backend: str, tensors: tuple[torch.Tensor, ...], unsup
     return True
 
 
+def _use_cpu(family: str, backend: str, tensors: tuple[torch.Tensor, ...], unsupported: str | None) -> bool:
+    if backend == "cuda":
+        # On CUDA the linears are ATen's (cuBLAS; quantized weights: the dequantize-matmul twin). CPU tensors
+        # under "cuda" are refused like every other family's.
+        if not on_cuda(*tensors):
+            devices = sorted({str(t.device) for t in tensors})
+            raise RuntimeError(f"backend='cuda' needs CUDA tensors, got tensors on {devices} (the {family} ops' "
+                               f"CPU kernels run under backend='auto')")
+        return False
+    if unsupported is not None or any(t.device.type != "cpu" for t in tensors):
+        return False
+    if torch.compiler.is_compiling() and "cpu" not in _PROBES:
+        # not probed before tracing: a build inside the traced region is not possible; the twin is traced
+        return False
+    return cpu_probe() is None
+
+
+def cpu_probe() -> str | None:
+    """None when sambay's compiled CPU kernels are loaded (built on first call), else why not. Cached."""
+    if "cpu" not in _PROBES:
+        from sambay.kernels import cpu_native
+
+        _PROBES["cpu"] = cpu_native.probe()
+    return _PROBES["cpu"]
+
+
 def active_backends(device: torch.device | str) -> dict[str, str]:
     """The backend ``"auto"`` picks on ``device`` for each op family, e.g. on a GPU with everything installed
     ``{"conv": "causal_conv1d", "scan": "mamba_ssm", "attention": "flash_attn", "gating": "triton"}``; a family
@@ -140,5 +171,9 @@ def active_backends(device: torch.device | str) -> dict[str, str]:
     is reported here."""
     device = torch.device(device)
     if device.type != "cuda":
-        return {family: "torch" for family in FAST_PATHS}
-    return {family: FAST_PATHS[family][0] if probe(family) is None else "torch" for family in FAST_PATHS}
+        found = {family: "torch" for family in FAST_PATHS}
+        if device.type == "cpu":
+            found.update({f: name if cpu_probe() is None else "torch" for f, name in CPU_FAST_PATHS.items()})
+        return found
+    found = {family: FAST_PATHS[family][0] if probe(family) is None else "torch" for family in FAST_PATHS}
+    return found | {family: "torch" for family in CPU_FAST_PATHS}

@@ -6,6 +6,7 @@ calls the fast path (Triton kernel or CUDA adapter) or the ``"torch"`` twin, wit
     conv      causal_conv1d, causal_conv1d_step    cuda_adapters (causal-conv1d)  twins
     scan      selective_scan, selective_step       cuda_adapters (mamba-ssm)      twins
     attention attend, attend_pair                  cuda_adapters (flash-attn)     twins
+    linear    linear, linear_int8, linear_int4     cpu_native (CPU, decode rows)  F.linear, quant_ref
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.nn.functional as F
 
-from sambay.kernels import cuda_adapters, twins
+from sambay.kernels import cuda_adapters, quant_ref, twins
 from sambay.kernels.dispatch import use_fast
 from sambay.kernels.reference import gmu_ref, silu_mul_ref
 
@@ -42,6 +44,8 @@ def gmu(x: torch.Tensor, in_proj_weight: torch.Tensor, memory: torch.Tensor, bac
 
         with _device_of(x):
             return gmu_triton(x, in_proj_weight, memory)
+    if x.device.type == "cpu":  # gmu_ref's matmul, through the streaming CPU kernel where it takes the call
+        return silu_mul_ref(linear(x, in_proj_weight, None, backend), memory)
     return gmu_ref(x, in_proj_weight, memory)
 
 
@@ -117,3 +121,63 @@ def diff_attend(q1, q2, k, v, mask, causal: bool, scale: float, lam, dropout_p: 
             return diff_decode(q, k, v, valid, lam, scale, backend="cuda")[:, :, None]
     o1, o2 = attend_pair(q1, q2, k, v, mask, causal, scale, dropout_p, flash, backend)
     return o1 - lam * o2
+
+
+# ----------------------------------------------------------------------------------------------- linear
+# Decode-sized calls (at most this many rows of activations) go to the CPU kernels: they stream the weight once.
+# Longer calls (prefill, training) are compute-bound: ATen's matmul (dense) or the blocked dequantize-matmul twin.
+_KERNEL_ROWS = 8
+
+
+def _rows(x: torch.Tensor) -> int:
+    return x.numel() // x.shape[-1] if x.shape[-1] else 0
+
+
+def _kernel_call(x: torch.Tensor, *weights: torch.Tensor) -> str | None:
+    """Why the CPU linear kernels cannot take this call, or None."""
+    if _rows(x) > _KERNEL_ROWS or _rows(x) == 0:
+        return f"{_rows(x)} rows (the kernels take 1..{_KERNEL_ROWS})"
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"activations in {x.dtype}"
+    if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)):
+        return "a gradient is needed (the kernels have no backward)"
+    if not all(w.is_contiguous() for w in weights):
+        return "a non-contiguous weight"
+    return None
+
+
+def _finish(y: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """(M, N) fp32 kernel output -> (..., N) in x.dtype, bias added in fp32 (one rounding)."""
+    if bias is not None:
+        y = y + bias.float()
+    return y.view(*x.shape[:-1], y.shape[-1]).to(x.dtype)
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1]).float().contiguous()
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           backend: str = "auto") -> torch.Tensor:
+    """F.linear(x, weight, bias). A bf16 weight with a decode-sized x on CPU takes the streaming kernel (fp32
+    accumulation, one rounding of the result, like ATen's bf16 matmul); everything else is F.linear."""
+    unsupported = _kernel_call(x, weight) if weight.dtype == torch.bfloat16 else f"weight in {weight.dtype}"
+    if use_fast("linear", backend, (x, weight), unsupported):
+        return _finish(torch.ops.sambay_cpu.linear_dense(_flat(x), weight), x, bias)
+    return F.linear(x, weight, bias)
+
+
+def linear_int8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
+                backend: str = "auto") -> torch.Tensor:
+    """x (..., K) @ dequantize_int8(qweight (N, K), scales (N,))^T + bias -> (..., N) in x.dtype."""
+    if use_fast("linear", backend, (x, qweight), _kernel_call(x, qweight, scales)):
+        return _finish(torch.ops.sambay_cpu.linear_int8(_flat(x), qweight, scales), x, bias)
+    return quant_ref.linear_int8_ref(x, qweight, scales, bias)
+
+
+def linear_int4(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int,
+                bias: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
+    """x (..., K) @ dequantize_int4(qweight (N, K/2), scales, mins (N, K/G), G)^T + bias -> (..., N) in x.dtype."""
+    if use_fast("linear", backend, (x, qweight), _kernel_call(x, qweight, scales, mins)):
+        return _finish(torch.ops.sambay_cpu.linear_int4(_flat(x), qweight, scales, mins, group_size), x, bias)
+    return quant_ref.linear_int4_ref(x, qweight, scales, mins, group_size, bias)

@@ -21,6 +21,7 @@ from torch import nn
 
 from sambay.kernels.ops import diff_attend
 from sambay.kernels.reference import f32
+from sambay.layers.linear import Linear
 
 
 @dataclass
@@ -119,8 +120,8 @@ class Attention(nn.Module):
         super().__init__()
         kw = {"device": device, "dtype": dtype}
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.Wqkv = nn.Linear(hidden, (num_heads + 2 * num_kv_heads) * head_dim, bias=True, **kw)
-        self.out_proj = nn.Linear(num_heads * head_dim, hidden, bias=True, **kw)
+        self.Wqkv = Linear(hidden, (num_heads + 2 * num_kv_heads) * head_dim, bias=True, **kw)
+        self.out_proj = Linear(num_heads * head_dim, hidden, bias=True, **kw)
         self.inner_cross_attn = DiffAttentionCore(head_dim, lambda_init, **kw)
 
     def project(self, x: torch.Tensor):
@@ -147,8 +148,8 @@ class CrossAttention(nn.Module):
         super().__init__()
         kw = {"device": device, "dtype": dtype}
         self.num_heads, self.head_dim = num_heads, head_dim
-        self.Wqkv = nn.Linear(hidden, num_heads * head_dim, bias=True, **kw)
-        self.out_proj = nn.Linear(num_heads * head_dim, hidden, bias=True, **kw)
+        self.Wqkv = Linear(hidden, num_heads * head_dim, bias=True, **kw)
+        self.out_proj = Linear(num_heads * head_dim, hidden, bias=True, **kw)
         self.inner_cross_attn = DiffAttentionCore(head_dim, lambda_init, **kw)
 
     def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: list[AttnCall],

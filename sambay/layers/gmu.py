@@ -9,18 +9,19 @@ import torch
 from torch import nn
 
 from sambay.kernels import gmu, silu_mul
+from sambay.layers.linear import Linear
 
 
 class GMU(nn.Module):
     def __init__(self, hidden: int, d_inner: int, device=None, dtype=None):
         super().__init__()
-        self.in_proj = nn.Linear(hidden, d_inner, bias=False, device=device, dtype=dtype)
-        self.out_proj = nn.Linear(d_inner, hidden, bias=False, device=device, dtype=dtype)
+        self.in_proj = Linear(hidden, d_inner, bias=False, device=device, dtype=dtype)
+        self.out_proj = Linear(d_inner, hidden, bias=False, device=device, dtype=dtype)
         self.backend = "auto"  # one of sambay.kernels.BACKENDS
 
     def forward(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
         """x: (B, T, C), memory: (B, T, E) -> (B, T, C)."""
-        if type(self.in_proj) is nn.Linear:
+        if type(self.in_proj) is Linear:
             return self.out_proj(gmu(x, self.in_proj.weight, memory, self.backend))
-        # in_proj was wrapped (e.g. a LoRA adapter): call it so the wrapper's math is not bypassed.
+        # in_proj was quantized or wrapped (e.g. a LoRA adapter): call it so its own math is not bypassed.
         return self.out_proj(silu_mul(self.in_proj(x), memory, self.backend))

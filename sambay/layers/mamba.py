@@ -15,6 +15,7 @@ from torch import nn
 
 from sambay.kernels import causal_conv1d, causal_conv1d_step, selective_scan, selective_step, silu_mul
 from sambay.kernels.reference import f32
+from sambay.layers.linear import PLAIN_LINEARS, Linear
 
 
 class Mamba(nn.Module):
@@ -31,14 +32,14 @@ class Mamba(nn.Module):
         self.dt_rank = dt_rank or math.ceil(hidden / 16)
         self.memory_producer = memory_producer
         self.backend = "auto"  # one of sambay.kernels.BACKENDS, for every op of the layer
-        self.in_proj = nn.Linear(hidden, 2 * d_inner, bias=proj_bias, **kw)
+        self.in_proj = Linear(hidden, 2 * d_inner, bias=proj_bias, **kw)
         self.conv1d = nn.Conv1d(d_inner, d_inner, d_conv, groups=d_inner, bias=conv_bias, **kw)
-        self.x_proj = nn.Linear(d_inner, self.dt_rank + 2 * d_state, bias=False, **kw)
-        self.dt_proj = nn.Linear(self.dt_rank, d_inner, bias=True, **kw)
+        self.x_proj = Linear(d_inner, self.dt_rank + 2 * d_state, bias=False, **kw)
+        self.dt_proj = Linear(self.dt_rank, d_inner, bias=True, **kw)
         # Keep in fp32 whatever the model dtype (mamba_ssm does the same): A = -exp(A_log) and D.
         self.A_log = nn.Parameter(torch.empty(d_inner, d_state, device=device, dtype=torch.float32))
         self.D = nn.Parameter(torch.empty(d_inner, device=device, dtype=torch.float32))
-        self.out_proj = nn.Linear(d_inner, hidden, bias=proj_bias, **kw)
+        self.out_proj = Linear(d_inner, hidden, bias=proj_bias, **kw)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -60,8 +61,8 @@ class Mamba(nn.Module):
         (E,) or None, and B, C (B, T, N). The scan ops compute delta = softplus(f32(dt) + f32(dt_bias)) (threshold
         20), the bias added in fp32 as HF does; this is also mamba_ssm's calling convention (delta_bias)."""
         dt_raw, b, c = self.x_proj(xc).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        if type(self.dt_proj) is nn.Linear:
-            return F.linear(dt_raw, self.dt_proj.weight), self.dt_proj.bias, b, c
+        if type(self.dt_proj) in PLAIN_LINEARS:
+            return self.dt_proj.matmul(dt_raw), self.dt_proj.bias, b, c
         # dt_proj was wrapped (e.g. a LoRA adapter): call it so the wrapper's math is not bypassed
         # (the bias is then added in the model dtype, one extra rounding in bf16).
         return self.dt_proj(dt_raw), None, b, c

@@ -6,13 +6,14 @@ import torch
 from torch import nn
 
 from sambay.kernels import silu_mul
+from sambay.layers.linear import Linear
 
 
 class MLP(nn.Module):
     def __init__(self, hidden: int, intermediate: int, device=None, dtype=None):
         super().__init__()
-        self.fc1 = nn.Linear(hidden, 2 * intermediate, bias=False, device=device, dtype=dtype)
-        self.fc2 = nn.Linear(intermediate, hidden, bias=False, device=device, dtype=dtype)
+        self.fc1 = Linear(hidden, 2 * intermediate, bias=False, device=device, dtype=dtype)
+        self.fc2 = Linear(intermediate, hidden, bias=False, device=device, dtype=dtype)
         self.backend = "auto"  # one of sambay.kernels.BACKENDS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -73,11 +73,12 @@ def test_cpu_dispatch_calls_no_probe(monkeypatch):
 
 def test_active_backends(monkeypatch):
     families = ("conv", "scan", "attention", "gating", "decode")
-    assert kernels.active_backends("cpu") == {f: "torch" for f in families}
+    # the one CPU fast path: sambay's compiled linear kernels (built on this machine by the probe)
+    assert kernels.active_backends("cpu") == {f: "torch" for f in families} | {"linear": "sambay_cpu"}
     monkeypatch.setattr(dispatch, "_PROBES", {"conv": None, "scan": None, "attention": "flash_attn is not importable",
                                               "gating": None, "decode": None})
     assert kernels.active_backends("cuda:1") == {"conv": "causal_conv1d", "scan": "mamba_ssm", "attention": "torch",
-                                                 "gating": "triton", "decode": "triton"}
+                                                 "gating": "triton", "decode": "triton", "linear": "torch"}
 
 
 def test_backends_vocabulary_and_set_backend():

@@ -1,0 +1,95 @@
+"""Weight-only quantized formats and the plain-PyTorch twins of the linears that read them.
+
+int8, per output channel (symmetric):
+    qweight (N, K) int8, scales (N,) fp32;                     w[n, k] = qweight[n, k] * scales[n]
+int4, per group of ``group_size`` input columns (asymmetric):
+    qweight (N, K/2) uint8, scales and mins (N, K/G) bf16;     w[n, k] = q[n, k] * scales[n, k//G] + mins[n, k//G]
+    with q in [0, 15]; byte j of a row holds column 2j in its low nibble and column 2j+1 in its high nibble.
+
+The twins dequantize to fp32 and multiply in fp32, so they equal the compiled kernels
+(:mod:`sambay.kernels.cpu_native`) up to the order of the fp32 sums.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+INT4_GROUP_SIZES = (32, 64, 128, 256)
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) float -> qweight (N, K) int8, scales (N,) fp32 with scale = max|w_n| / 127 (1 for an all-zero row)."""
+    wf = w.detach().float()
+    amax = wf.abs().amax(dim=1)
+    scales = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    q = torch.round(wf / scales[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scales
+
+
+def dequantize_int8(qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """-> (N, K) fp32."""
+    return qweight.float() * scales.float()[:, None]
+
+
+def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(N, K) float -> qweight (N, K/2) uint8, scales (N, K/G) bf16, mins (N, K/G) bf16.
+
+    Each group maps [min, max] onto 0..15; scale and min are rounded to bf16 first, then q is chosen against the
+    rounded values, so the dequantized weight is exactly what the kernels use."""
+    N, K = w.shape
+    if group_size not in INT4_GROUP_SIZES or K % group_size:
+        raise ValueError(f"int4: group_size must be one of {INT4_GROUP_SIZES} and divide the {K} input columns, "
+                         f"got {group_size}")
+    wg = w.detach().float().view(N, K // group_size, group_size)
+    lo, hi = wg.amin(-1), wg.amax(-1)
+    mins = lo.to(torch.bfloat16)
+    span = (hi - mins.float()).clamp_min(0)
+    scales = torch.where(span > 0, span / 15.0, torch.ones_like(span)).to(torch.bfloat16)
+    q = torch.round((wg - mins.float()[..., None]) / scales.float()[..., None]).clamp_(0, 15).to(torch.uint8)
+    q = q.view(N, K)
+    return (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous(), scales, mins
+
+
+def unpack_int4(qweight: torch.Tensor) -> torch.Tensor:
+    """(N, K/2) uint8 -> (N, K) uint8 values in [0, 15]."""
+    N, half = qweight.shape
+    return torch.stack([qweight & 15, qweight >> 4], dim=-1).view(N, 2 * half)
+
+
+def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int) -> torch.Tensor:
+    """-> (N, K) fp32."""
+    q = unpack_int4(qweight).float()
+    N, K = q.shape
+    w = q.view(N, K // group_size, group_size) * scales.float()[..., None] + mins.float()[..., None]
+    return w.view(N, K)
+
+
+# Weights are dequantized in blocks of at most this many elements (64 MB of fp32): a 200064 x 2560 LM head
+# would otherwise need a 2 GB temporary.
+_BLOCK = 1 << 24
+
+
+def _blocked(x: torch.Tensor, N: int, K: int, deq, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear(x.float(), deq(n0, n1) for row blocks, bias) -> (..., N) in x.dtype."""
+    xf = x.float()
+    rows = max(1, _BLOCK // max(1, K))
+    parts = [F.linear(xf, deq(n0, min(N, n0 + rows))) for n0 in range(0, N, rows)]
+    y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+def linear_int8_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                    bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., K) -> (..., N) in x.dtype: dequantize (in row blocks), then fp32 matmuls."""
+    N, K = qweight.shape
+    return _blocked(x, N, K, lambda a, b: dequantize_int8(qweight[a:b], scales[a:b]), bias)
+
+
+def linear_int4_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
+                    group_size: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., K) -> (..., N) in x.dtype: dequantize (in row blocks), then fp32 matmuls."""
+    N, K = qweight.shape[0], 2 * qweight.shape[1]
+    return _blocked(x, N, K, lambda a, b: dequantize_int4(qweight[a:b], scales[a:b], mins[a:b], group_size), bias)
