@@ -23,8 +23,8 @@ from sambay.cache import KeyColumns, SambaYCache
 from sambay.config import SambaYConfig
 from sambay.generation import SambaYGenerationMixin
 from sambay.kernels.reference import f32
-from sambay.layers.linear import Linear
 from sambay.layers import GMU, MLP, Attention, AttnCall, CrossAttention, DiffAttentionCore, Mamba
+from sambay.layers.linear import Linear
 from sambay.lm import CausalLMMixin, CausalLMOutput, causal_lm_loss, read_generation_config
 from sambay.masks import prefix_plan, static_plans, window_plan
 
