@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-_SOURCE = Path(__file__).parent / "cpu" / "linear.cpp"
+_SOURCES = (Path(__file__).parent / "cpu" / "linear.cpp", Path(__file__).parent / "cpu" / "decode.cpp")
 _STATE: dict[str, str | None] = {}  # "reason": None when loaded, else why not
 
 
@@ -64,13 +64,13 @@ def _load() -> None:
     if not hasattr(torch.ops, "sambay_cpu") or not hasattr(torch.ops.sambay_cpu, "linear_dense"):
         from torch.utils.cpp_extension import load
 
-        text = _SOURCE.read_bytes()
+        text = b"".join(src.read_bytes() for src in (*_SOURCES, _SOURCES[0].parent / "simd.h"))
         tag = hashlib.sha256(text + torch.__version__.encode()).hexdigest()[:12]
         build = cache_dir() / f"linear-{tag}"
         build.mkdir(parents=True, exist_ok=True)
         if not any(build.glob("*.so")):
             print("sambay: building the CPU kernels (once; about 20 s)", file=sys.stderr)
-        load(name=f"sambay_cpu_{tag}", sources=[str(_SOURCE)], build_directory=str(build), is_python_module=False,
+        load(name=f"sambay_cpu_{tag}", sources=[str(src) for src in _SOURCES], build_directory=str(build), is_python_module=False,
              extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
     _register_fakes()
 
@@ -94,4 +94,39 @@ def _register_fakes() -> None:
     def _(x, qweight, scales, mins, group_size):
         return x.new_empty(x.shape[0], qweight.shape[0])
 
+    @torch.library.register_fake("sambay_cpu::decode_scores")
+    def _(q, k):
+        return q.new_empty(k.shape[0], k.shape[2], 2, q.shape[3], k.shape[3])
+
+    @torch.library.register_fake("sambay_cpu::decode_pv")
+    def _(p, v, splits):
+        return p.new_empty(v.shape[0], v.shape[1], splits, p.shape[2], v.shape[3])
+
     _FAKES_DONE.append(True)
+
+
+# ------------------------------------------------------------------------------------------ decode attention
+def diff_decode_cpu(q1: torch.Tensor, q2: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None,
+                    lam: torch.Tensor, scale: float) -> torch.Tensor:
+    """Differential attention of one query row, K/V read once in their own dtype. As ``diff_decode_ref``: the math
+    in fp32, rounded once to q's dtype; a sequence with no visible slot gets zeros.
+
+    Args: q1, q2 (B, H2, 1, D) the two maps' queries (diff head j reads kv pair j // (H2 / G)); k (B, 2, G, S, D),
+    v (B, G, S, 2D) (bf16 or fp32, unit last stride); valid (B, S) bool or None (all visible); lam 0-d.
+    Returns (B, H2, 1, 2D).
+    """
+    B, H2, _, D = q1.shape
+    G, S = k.shape[2], k.shape[3]
+    R = H2 // G
+    q = torch.stack([q1[:, :, 0], q2[:, :, 0]], dim=1).view(B, 2, G, R, D).transpose(1, 2)
+    s = torch.ops.sambay_cpu.decode_scores(q.float().contiguous(), k).view(B, G, 2 * R, S)
+    if valid is not None:  # in place: s is this call's own buffer
+        s = s.masked_fill_(~valid[:, None, None, :], float("-inf"))
+    p = torch.softmax(s.mul_(scale), dim=-1)
+    if valid is not None:  # a row with no visible slot: zeros, not the NaN of a softmax over nothing
+        p = torch.where(valid.any(dim=-1)[:, None, None, None], p, torch.zeros_like(p))
+    # Split the keys only when there are fewer (sequence, kv pair) tasks than a few per thread.
+    splits = max(1, min(-(-S // 2048), -(-8 // (B * G))))
+    o = torch.ops.sambay_cpu.decode_pv(p, v, splits).sum(dim=2)  # (B, G, 2R, 2D)
+    out = o[:, :, :R] - lam.float() * o[:, :, R:]
+    return out.reshape(B, H2, 1, 2 * D).to(q1.dtype)

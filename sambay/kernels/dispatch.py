@@ -47,7 +47,7 @@ FAST_PATHS = {
 _TRITON_FAMILIES = ("gating", "decode")  # sambay's own Triton kernels: runnable on CPU under the interpreter
 # Families whose fast path runs on CPU tensors: sambay's compiled CPU kernels (sambay.kernels.cpu_native), built
 # on first use. "auto" takes them for CPU tensors; "cuda" (insisting on a GPU fast path) has none to insist on.
-CPU_FAST_PATHS = {"linear": "sambay_cpu"}
+CPU_FAST_PATHS = {"linear": "sambay_cpu", "cpu_decode": "sambay_cpu"}
 
 # family -> None (available) or the reason it is not; filled by probe(), read as a plain dict lookup.
 _PROBES: dict[str, str | None] = {}

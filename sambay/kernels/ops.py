@@ -119,8 +119,23 @@ def diff_attend(q1, q2, k, v, mask, causal: bool, scale: float, lam, dropout_p: 
         valid = torch.ones(B, k.shape[-2], dtype=torch.bool, device=k.device) if mask is None else mask[:, 0, 0]
         with _device_of(q):
             return diff_decode(q, k, v, valid, lam, scale, backend="cuda")[:, :, None]
+    if q1.shape[2] == 1 and dropout_p == 0.0 and use_fast("cpu_decode", backend, (q1, k, v), _cpu_decode_call(q1, k, v)):
+        from sambay.kernels.cpu_native import diff_decode_cpu
+
+        return diff_decode_cpu(q1, q2, k, v, None if mask is None else mask[:, 0, 0], lam, scale)
     o1, o2 = attend_pair(q1, q2, k, v, mask, causal, scale, dropout_p, flash, backend)
     return o1 - lam * o2
+
+
+def _cpu_decode_call(q1, k, v) -> str | None:
+    """Why the CPU decode-attention kernels cannot take this call, or None."""
+    if k.dtype not in (torch.bfloat16, torch.float32) or not (q1.dtype == k.dtype == v.dtype):
+        return f"q/k/v in {q1.dtype}/{k.dtype}/{v.dtype} (the kernels read bf16 or fp32)"
+    if k.stride(-1) != 1 or v.stride(-1) != 1:
+        return "K/V without a unit last stride"
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q1, k, v)):
+        return "a gradient is needed (the kernels have no backward)"
+    return None
 
 
 # ----------------------------------------------------------------------------------------------- linear

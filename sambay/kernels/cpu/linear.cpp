@@ -16,73 +16,66 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
-#include <cstring>
+
+#include "simd.h"
 
 namespace {
 
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-inline float bf16_to_f32(uint16_t b) {
-  uint32_t u = static_cast<uint32_t>(b) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-// 8 weights -> 8 fp32 lanes, per storage type.
-inline __m256 load8(const uint16_t* p) {  // bf16: the high half of an fp32
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
-}
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const int8_t* p) {
-  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
-}
-inline float load1(const uint16_t* p) { return bf16_to_f32(*p); }
-inline float load1(const float* p) { return *p; }
-inline float load1(const int8_t* p) { return static_cast<float>(*p); }
+using namespace sambay_simd;
 
 constexpr int64_t kRows = 4;  // output rows per inner block: each x vector loaded once serves 4 rows
 
-// out[m, n] = sum_k x[m, k] * w[n, k] * (scale ? scale[n] : 1) for n in [n0, n1).
+// out[m, n] = sum_k x[m, k] * w[n, k] * (scale ? scale[n] : 1) for n in [n0, n1). xv (M, k16) is x's first k16
+// columns in load16's order for W; the K - k16 tail columns are read from x (M, K) one at a time.
 template <typename W>
-void dense_rows(const float* x, const W* w, const float* scale, float* out, int64_t M, int64_t N, int64_t K,
-                int64_t n0, int64_t n1) {
-  const int64_t k16 = K - K % 16;
+void dense_rows(const float* xv, const float* x, const W* w, const float* scale, float* out, int64_t M, int64_t N,
+                int64_t K, int64_t k16, int64_t n0, int64_t n1) {
   for (int64_t m = 0; m < M; ++m) {
+    const float* xvm = xv + m * k16;
     const float* xm = x + m * K;
     float* om = out + m * N;
     int64_t n = n0;
-    for (; n + kRows <= n1; n += kRows) {
+    for (; n < n1; n += kRows) {
+      const int64_t rows = std::min(kRows, n1 - n);
       __m256 acc[kRows][2];
       for (int r = 0; r < kRows; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-      for (int64_t k = 0; k < k16; k += 16) {
-        const __m256 x0 = _mm256_loadu_ps(xm + k), x1 = _mm256_loadu_ps(xm + k + 8);
-        for (int r = 0; r < kRows; ++r) {
-          const W* wr = w + (n + r) * K + k;
-          acc[r][0] = _mm256_fmadd_ps(load8(wr), x0, acc[r][0]);
-          acc[r][1] = _mm256_fmadd_ps(load8(wr + 8), x1, acc[r][1]);
+      if (rows == kRows) {
+        for (int64_t k = 0; k < k16; k += 16) {
+          const __m256 x0 = _mm256_loadu_ps(xvm + k), x1 = _mm256_loadu_ps(xvm + k + 8);
+          for (int r = 0; r < kRows; ++r) {
+            __m256 a, b;
+            load16(w + (n + r) * K + k, a, b);
+            acc[r][0] = _mm256_fmadd_ps(a, x0, acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(b, x1, acc[r][1]);
+          }
+        }
+      } else {
+        for (int64_t r = 0; r < rows; ++r) {
+          for (int64_t k = 0; k < k16; k += 16) {
+            __m256 a, b;
+            load16(w + (n + r) * K + k, a, b);
+            acc[r][0] = _mm256_fmadd_ps(a, _mm256_loadu_ps(xvm + k), acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(b, _mm256_loadu_ps(xvm + k + 8), acc[r][1]);
+          }
         }
       }
-      for (int r = 0; r < kRows; ++r) {
+      for (int64_t r = 0; r < rows; ++r) {
         float s = hsum(_mm256_add_ps(acc[r][0], acc[r][1]));
-        for (int64_t k = k16; k < K; ++k) s += xm[k] * load1(w + (n + r) * K + k);
+        for (int64_t k = k16; k < K; ++k) s += xm[k] * to_f32(w[(n + r) * K + k]);
         om[n + r] = scale ? s * scale[n + r] : s;
       }
     }
-    for (; n < n1; ++n) {
-      __m256 acc = _mm256_setzero_ps();
-      for (int64_t k = 0; k < k16; k += 8) acc = _mm256_fmadd_ps(load8(w + n * K + k), _mm256_loadu_ps(xm + k), acc);
-      float s = hsum(acc);
-      for (int64_t k = k16; k < K; ++k) s += xm[k] * load1(w + n * K + k);
-      om[n] = scale ? s * scale[n] : s;
-    }
   }
+}
+
+// x's first k16 columns as the vector loop reads them: in load16's permuted order when W's loads are permuted.
+at::Tensor vector_part(const at::Tensor& x, int64_t k16, bool permuted) {
+  const int64_t M = x.size(0);
+  at::Tensor head = x.narrow(1, 0, k16);
+  if (!permuted) return head.contiguous();
+  return head.reshape({M, k16 / 16, 2, 2, 4}).transpose(2, 3).contiguous().view({M, k16});
 }
 
 // Rows per parallel task: about 256 KB of weight, so a task amortises its scheduling and a matrix of a
@@ -101,12 +94,15 @@ void check_x(const at::Tensor& x, int64_t K, const char* op) {
 template <typename W>
 at::Tensor dense(const at::Tensor& x, const at::Tensor& w, const float* scale, double bytes) {
   const int64_t M = x.size(0), N = w.size(0), K = w.size(1);
+  const int64_t k16 = K - K % 16;
+  at::Tensor xv = vector_part(x, k16, Permuted<W>::value);
   at::Tensor out = at::empty({M, N}, x.options());
+  const float* xvp = xv.data_ptr<float>();
   const float* xp = x.data_ptr<float>();
   const W* wp = reinterpret_cast<const W*>(w.data_ptr());
   float* op = out.data_ptr<float>();
   at::parallel_for(0, N, grain(K, bytes), [&](int64_t n0, int64_t n1) {
-    dense_rows<W>(xp, wp, scale, op, M, N, K, n0, n1);
+    dense_rows<W>(xvp, xp, wp, scale, op, M, N, K, k16, n0, n1);
   });
   return out;
 }
@@ -160,8 +156,8 @@ void int4_rows(const float* xp, const float* xsum, const uint8_t* q, const uint1
                                  _mm256_loadu_ps(xk + 24), acc1);
         }
         const int64_t i = n * groups + g;
-        total = _mm256_fmadd_ps(_mm256_add_ps(acc0, acc1), _mm256_set1_ps(bf16_to_f32(sc[i])), total);
-        offset += bf16_to_f32(mn[i]) * sm[g];
+        total = _mm256_fmadd_ps(_mm256_add_ps(acc0, acc1), _mm256_set1_ps(to_f32(sc[i])), total);
+        offset += to_f32(mn[i]) * sm[g];
       }
       out[m * N + n] = hsum(total) + offset;
     }

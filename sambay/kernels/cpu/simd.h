@@ -1,0 +1,56 @@
+// AVX2 helpers shared by sambay's CPU kernels: loading 16 stored values as two fp32 vectors, and sums.
+#pragma once
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+
+namespace sambay_simd {
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline float to_f32(uint16_t b) {  // bf16 -> fp32: the high half of an fp32
+  uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline float to_f32(float x) { return x; }
+inline float to_f32(int8_t x) { return static_cast<float>(x); }
+
+// load16(p, a, b): 16 consecutive stored values as fp32 in two vectors. bf16 is widened by interleaving with
+// zeros, one instruction per vector, which leaves them in a permuted order: a = [0..3, 8..11], b = [4..7, 12..15].
+// kPermuted<T> says so; the operand they are multiplied with is stored in the same order by the caller
+// (permute16 in the op wrappers), and results indexed by column are un-permuted (unpermute16).
+template <typename T> struct Permuted { static constexpr bool value = false; };
+template <> struct Permuted<uint16_t> { static constexpr bool value = true; };
+
+inline void load16(const uint16_t* p, __m256& a, __m256& b) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  a = _mm256_castsi256_ps(_mm256_unpacklo_epi16(_mm256_setzero_si256(), v));
+  b = _mm256_castsi256_ps(_mm256_unpackhi_epi16(_mm256_setzero_si256(), v));
+}
+inline void load16(const float* p, __m256& a, __m256& b) {
+  a = _mm256_loadu_ps(p);
+  b = _mm256_loadu_ps(p + 8);
+}
+inline void load16(const int8_t* p, __m256& a, __m256& b) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  a = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
+  b = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v, 8)));
+}
+
+// Between natural order (lo = [0..7], hi = [8..15]) and the permuted one (a = [0..3, 8..11], b = [4..7, 12..15]):
+// the same two lane swaps go both ways.
+inline void swap_lanes(__m256& x, __m256& y) {
+  const __m256 a = _mm256_permute2f128_ps(x, y, 0x20), b = _mm256_permute2f128_ps(x, y, 0x31);
+  x = a;
+  y = b;
+}
+
+}  // namespace sambay_simd
