@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from sambay.cache import SambaYCache
+from sambay.kernels import active_backends
 
 __all__ = ["DecodeStep", "decode_step", "export_decode_step"]
 
@@ -69,6 +70,7 @@ def decode_step(model, mode: str | None = None, backend: str = "inductor", repor
         report: print the compile time once per (batch size, cache length) on stderr.
     """
     device = next(model.parameters()).device
+    active_backends(device)  # run the fast paths' probes (and build the CPU kernels) before anything is traced
     if mode is None and device.type == "cuda":
         mode = "reduce-overhead"
     key = (mode, backend)
@@ -97,5 +99,6 @@ def export_decode_step(model, cache: SambaYCache) -> torch.export.ExportedProgra
     ``program.module()(token, *cache.tensors())``: it returns the logits and advances the cache tensors in place
     (then ``cache.resync()`` before reading ``cache.length`` in Python)."""
     token = torch.zeros(cache.batch_size, dtype=torch.long, device=cache.device)
+    active_backends(cache.device)
     with torch.no_grad():  # export traces with fake tensors: the cache itself is not advanced
         return torch.export.export(DecodeStep(model, cache), (token, *cache.tensors()))
