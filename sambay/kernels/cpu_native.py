@@ -71,7 +71,7 @@ def _load() -> None:
         if not any(build.glob("*.so")):
             print("sambay: building the CPU kernels (once; about 20 s)", file=sys.stderr)
         load(name=f"sambay_cpu_{tag}", sources=[str(src) for src in _SOURCES], build_directory=str(build), is_python_module=False,
-             extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+             extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
     _register_fakes()
 
 
@@ -112,7 +112,7 @@ def diff_decode_cpu(q1: torch.Tensor, q2: torch.Tensor, k: torch.Tensor, v: torc
     in fp32, rounded once to q's dtype; a sequence with no visible slot gets zeros.
 
     Args: q1, q2 (B, H2, 1, D) the two maps' queries (diff head j reads kv pair j // (H2 / G)); k (B, 2, G, S, D),
-    v (B, G, S, 2D) (bf16 or fp32, unit last stride); valid (B, S) bool or None (all visible); lam 0-d.
+    v (B, G, S, 2D) (bf16, fp16 or fp32, unit last stride); valid (B, S) bool or None (all visible); lam 0-d.
     Returns (B, H2, 1, 2D).
     """
     B, H2, _, D = q1.shape

@@ -129,8 +129,8 @@ def diff_attend(q1, q2, k, v, mask, causal: bool, scale: float, lam, dropout_p: 
 
 def _cpu_decode_call(q1, k, v) -> str | None:
     """Why the CPU decode-attention kernels cannot take this call, or None."""
-    if k.dtype not in (torch.bfloat16, torch.float32) or not (q1.dtype == k.dtype == v.dtype):
-        return f"q/k/v in {q1.dtype}/{k.dtype}/{v.dtype} (the kernels read bf16 or fp32)"
+    if k.dtype not in (torch.bfloat16, torch.float16, torch.float32) or not (q1.dtype == k.dtype == v.dtype):
+        return f"q/k/v in {q1.dtype}/{k.dtype}/{v.dtype} (the kernels read bf16, fp16 or fp32)"
     if k.stride(-1) != 1 or v.stride(-1) != 1:
         return "K/V without a unit last stride"
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q1, k, v)):
@@ -174,9 +174,10 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            backend: str = "auto") -> torch.Tensor:
-    """F.linear(x, weight, bias). A bf16 weight with a decode-sized x on CPU takes the streaming kernel (fp32
+    """F.linear(x, weight, bias). A bf16/fp16 weight with a decode-sized x on CPU takes the streaming kernel (fp32
     accumulation, one rounding of the result, like ATen's bf16 matmul); everything else is F.linear."""
-    unsupported = _kernel_call(x, weight) if weight.dtype == torch.bfloat16 else f"weight in {weight.dtype}"
+    half = weight.dtype in (torch.bfloat16, torch.float16)
+    unsupported = _kernel_call(x, weight) if half else f"weight in {weight.dtype}"
     if use_fast("linear", backend, (x, weight), unsupported):
         return _finish(torch.ops.sambay_cpu.linear_dense(_flat(x), weight), x, bias)
     return F.linear(x, weight, bias)

@@ -5,9 +5,9 @@
 // convert each K/V element in registers and accumulate in fp32. The softmax between them runs in PyTorch on the
 // small fp32 score tensor (sambay/kernels/cpu_native.py: diff_decode_cpu).
 //
-//   decode_scores(q (B, G, 2, R, D) fp32 contiguous, k (B, 2, G, S, D) bf16/fp32, unit last stride)
+//   decode_scores(q (B, G, 2, R, D) fp32 contiguous, k (B, 2, G, S, D) bf16/fp16/fp32, unit last stride)
 //       -> (B, G, 2, R, S) fp32: scores[b, g, m, r, s] = <q[b, g, m, r], k[b, m, g, s]>
-//   decode_pv(p (B, G, M, S) fp32 contiguous, v (B, G, S, E) bf16/fp32, unit last stride, splits)
+//   decode_pv(p (B, G, M, S) fp32 contiguous, v (B, G, S, E) bf16/fp16/fp32, unit last stride, splits)
 //       -> (B, G, splits, M, E) fp32 partial sums over the key ranges of each split (the caller sums them)
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -109,7 +109,8 @@ at::Tensor decode_scores(const at::Tensor& q, const at::Tensor& k) {
               ": q must be contiguous fp32 (B, G, 2, R, D) matching k ", k.sizes(), ", got ", q.scalar_type(), " ",
               q.sizes());
   if (k.scalar_type() == at::kBFloat16) return scores<uint16_t>(q, k);
-  TORCH_CHECK(k.scalar_type() == at::kFloat, op, ": k must be bfloat16 or float32, got ", k.scalar_type());
+  if (k.scalar_type() == at::kHalf) return scores<f16>(q, k);
+  TORCH_CHECK(k.scalar_type() == at::kFloat, op, ": k must be bfloat16, float16 or float32, got ", k.scalar_type());
   return scores<float>(q, k);
 }
 
@@ -193,7 +194,8 @@ at::Tensor decode_pv(const at::Tensor& p, const at::Tensor& v, int64_t splits) {
               p.sizes());
   TORCH_CHECK(splits >= 1, op, ": splits must be >= 1, got ", splits);
   if (v.scalar_type() == at::kBFloat16) return pv<uint16_t>(p, v, splits);
-  TORCH_CHECK(v.scalar_type() == at::kFloat, op, ": v must be bfloat16 or float32, got ", v.scalar_type());
+  if (v.scalar_type() == at::kHalf) return pv<f16>(p, v, splits);
+  TORCH_CHECK(v.scalar_type() == at::kFloat, op, ": v must be bfloat16, float16 or float32, got ", v.scalar_type());
   return pv<float>(p, v, splits);
 }
 

@@ -14,6 +14,11 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+struct f16 {  // IEEE half, told apart from bf16 (stored as plain uint16_t) by its type
+  uint16_t bits;
+};
+
+inline float to_f32(f16 h) { return _cvtsh_ss(h.bits); }
 inline float to_f32(uint16_t b) {  // bf16 -> fp32: the high half of an fp32
   uint32_t u = static_cast<uint32_t>(b) << 16;
   float f;
@@ -34,6 +39,10 @@ inline void load16(const uint16_t* p, __m256& a, __m256& b) {
   const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   a = _mm256_castsi256_ps(_mm256_unpacklo_epi16(_mm256_setzero_si256(), v));
   b = _mm256_castsi256_ps(_mm256_unpackhi_epi16(_mm256_setzero_si256(), v));
+}
+inline void load16(const f16* p, __m256& a, __m256& b) {
+  a = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  b = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)));
 }
 inline void load16(const float* p, __m256& a, __m256& b) {
   a = _mm256_loadu_ps(p);
