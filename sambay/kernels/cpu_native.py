@@ -70,8 +70,9 @@ def _load() -> None:
         build.mkdir(parents=True, exist_ok=True)
         if not any(build.glob("*.so")):
             print("sambay: building the CPU kernels (once; about 20 s)", file=sys.stderr)
-        load(name=f"sambay_cpu_{tag}", sources=[str(src) for src in _SOURCES], build_directory=str(build), is_python_module=False,
-             extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+        load(name=f"sambay_cpu_{tag}", sources=[str(src) for src in _SOURCES], build_directory=str(build),
+             is_python_module=False, extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
+             extra_ldflags=["-fopenmp"], verbose=False)
     _register_fakes()
 
 

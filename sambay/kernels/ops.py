@@ -6,7 +6,7 @@ calls the fast path (Triton kernel or CUDA adapter) or the ``"torch"`` twin, wit
     conv      causal_conv1d, causal_conv1d_step    cuda_adapters (causal-conv1d)  twins
     scan      selective_scan, selective_step       cuda_adapters (mamba-ssm)      twins
     attention attend, attend_pair                  cuda_adapters (flash-attn)     twins
-    linear    linear, linear_int8, linear_int4     cpu_native (CPU, decode rows)  F.linear, quant_ref
+    linear    linear, linear_int8, linear_int4     cpu_native (CPU, decode rows)  twins.linear, quant_ref
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch.nn.functional as F
 
 from sambay.kernels import cuda_adapters, quant_ref, twins
 from sambay.kernels.dispatch import use_fast
@@ -119,7 +118,8 @@ def diff_attend(q1, q2, k, v, mask, causal: bool, scale: float, lam, dropout_p: 
         valid = torch.ones(B, k.shape[-2], dtype=torch.bool, device=k.device) if mask is None else mask[:, 0, 0]
         with _device_of(q):
             return diff_decode(q, k, v, valid, lam, scale, backend="cuda")[:, :, None]
-    if q1.shape[2] == 1 and dropout_p == 0.0 and use_fast("cpu_decode", backend, (q1, k, v), _cpu_decode_call(q1, k, v)):
+    decode_cpu = q1.shape[2] == 1 and dropout_p == 0.0
+    if decode_cpu and use_fast("cpu_decode", backend, (q1, k, v), _cpu_decode_call(q1, k, v)):
         from sambay.kernels.cpu_native import diff_decode_cpu
 
         return diff_decode_cpu(q1, q2, k, v, None if mask is None else mask[:, 0, 0], lam, scale)
@@ -175,12 +175,13 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            backend: str = "auto") -> torch.Tensor:
     """F.linear(x, weight, bias). A bf16/fp16 weight with a decode-sized x on CPU takes the streaming kernel (fp32
-    accumulation, one rounding of the result, like ATen's bf16 matmul); everything else is F.linear."""
+    accumulation, one rounding of the result, like ATen's bf16 matmul); everything else :func:`twins.linear`
+    (F.linear, or fp32 blocks of a bf16 weight on CPUs without bf16 matmuls)."""
     half = weight.dtype in (torch.bfloat16, torch.float16)
     unsupported = _kernel_call(x, weight) if half else f"weight in {weight.dtype}"
     if use_fast("linear", backend, (x, weight), unsupported):
         return _finish(torch.ops.sambay_cpu.linear_dense(_flat(x), weight), x, bias)
-    return F.linear(x, weight, bias)
+    return twins.linear(x, weight, bias)
 
 
 def linear_int8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
