@@ -18,12 +18,27 @@ import torch.nn.functional as F
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 
 
+# Weights are quantized in blocks of rows of at most this many elements (1 MB of fp32): quantizing the 1 GB LM head
+# in one piece would need several GB of fp32 temporaries. Every step is per row, so the blocks change no bit.
+_QUANTIZE_BLOCK = 1 << 18
+
+
+def _row_blocks(N: int, K: int) -> range:
+    return range(0, N, max(1, _QUANTIZE_BLOCK // max(1, K)))
+
+
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, K) float -> qweight (N, K) int8, scales (N,) fp32 with scale = max|w_n| / 127 (1 for an all-zero row)."""
-    wf = w.detach().float()
-    amax = wf.abs().amax(dim=1)
-    scales = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
-    q = torch.round(wf / scales[:, None]).clamp_(-127, 127).to(torch.int8)
+    N, K = w.shape
+    q = torch.empty(N, K, dtype=torch.int8, device=w.device)
+    scales = torch.empty(N, dtype=torch.float32, device=w.device)
+    step = _row_blocks(N, K).step
+    for a in _row_blocks(N, K):
+        wf = w[a:a + step].detach().float()
+        amax = wf.abs().amax(dim=1)
+        s = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+        q[a:a + step] = torch.round(wf / s[:, None]).clamp_(-127, 127)
+        scales[a:a + step] = s
     return q, scales
 
 
@@ -41,14 +56,22 @@ def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch
     if group_size not in INT4_GROUP_SIZES or K % group_size:
         raise ValueError(f"int4: group_size must be one of {INT4_GROUP_SIZES} and divide the {K} input columns, "
                          f"got {group_size}")
-    wg = w.detach().float().view(N, K // group_size, group_size)
-    lo, hi = wg.amin(-1), wg.amax(-1)
-    mins = lo.to(torch.bfloat16)
-    span = (hi - mins.float()).clamp_min(0)
-    scales = torch.where(span > 0, span / 15.0, torch.ones_like(span)).to(torch.bfloat16)
-    q = torch.round((wg - mins.float()[..., None]) / scales.float()[..., None]).clamp_(0, 15).to(torch.uint8)
-    q = q.view(N, K)
-    return (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous(), scales, mins
+    G = group_size
+    packed = torch.empty(N, K // 2, dtype=torch.uint8, device=w.device)
+    scales = torch.empty(N, K // G, dtype=torch.bfloat16, device=w.device)
+    mins = torch.empty(N, K // G, dtype=torch.bfloat16, device=w.device)
+    step = _row_blocks(N, K).step
+    for a in _row_blocks(N, K):
+        wg = w[a:a + step].detach().float().view(-1, K // G, G)
+        lo, hi = wg.amin(-1), wg.amax(-1)
+        mn = lo.to(torch.bfloat16)
+        span = (hi - mn.float()).clamp_min(0)
+        sc = torch.where(span > 0, span / 15.0, torch.ones_like(span)).to(torch.bfloat16)
+        q = torch.round((wg - mn.float()[..., None]) / sc.float()[..., None]).clamp_(0, 15).to(torch.uint8)
+        q = q.view(-1, K)
+        packed[a:a + step] = q[:, 0::2] | (q[:, 1::2] << 4)
+        scales[a:a + step], mins[a:a + step] = sc, mn
+    return packed, scales, mins
 
 
 def unpack_int4(qweight: torch.Tensor) -> torch.Tensor:
