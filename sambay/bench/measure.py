@@ -85,13 +85,14 @@ def decode_latency_seconds(subjects: list, prompt: int, lengths: list[int], warm
 
 
 @torch.inference_mode()
-def prefill_seconds(subjects: list, tokens: int, repeats: int) -> dict:
-    """Seconds per prefill of ``tokens`` random tokens (batch 1, last-token logits) into a fresh cache."""
+def prefill_seconds(subjects: list, tokens: int, repeats: int, warmup: int = 1) -> dict:
+    """Seconds per prefill of ``tokens`` random tokens (batch 1, last-token logits) into a fresh cache, after
+    ``warmup`` untimed prefills of each subject."""
     g = torch.Generator(device=subjects[0].device).manual_seed(tokens)
     vocab = min(s.model.config.vocab_size for s in subjects)
     ids = torch.randint(0, vocab, (1, tokens), device=subjects[0].device, generator=g)
     fns = {s.name: (lambda s=s: s.prefill(ids)) for s in subjects}
-    samples = interleaved(fns, repeats, warmup=1, device=subjects[0].device)
+    samples = interleaved(fns, repeats, warmup=warmup, device=subjects[0].device)
     _free()
     return {"tokens": tokens, "samples_s": samples}
 

@@ -43,8 +43,18 @@ class SambaY:
 
     def __init__(self, config: dict, dtype: torch.dtype, device: torch.device | str, seed: int = 0):
         torch.manual_seed(seed)
-        self.model = SambaYForCausalLM(SambaYConfig.from_dict(config), device=device, dtype=dtype).eval()
-        self.device = self.model.device
+        self._wrap(SambaYForCausalLM(SambaYConfig.from_dict(config), device=device, dtype=dtype))
+
+    @classmethod
+    def from_model(cls, model: SambaYForCausalLM) -> SambaY:
+        """Wrap an already built or loaded model (e.g. ``from_pretrained``) instead of building a random one."""
+        self = cls.__new__(cls)
+        self._wrap(model)
+        return self
+
+    def _wrap(self, model: SambaYForCausalLM) -> None:
+        self.model = model.eval()
+        self.device = model.device
 
     def random_decode_state(self, batch: int, context: int, room: int) -> dict:
         """A cache whose first ``context`` positions hold random state, with ``room`` more positions."""
@@ -91,18 +101,31 @@ class Phi3:
             import transformers
         except ImportError:
             raise ImportError("the baseline is transformers.Phi3ForCausalLM: pip install 'sambay[bench]'") from None
-        self.tf = transformers
-        self.config = phi3_config(config)
+        pc = phi3_config(config)
         torch.manual_seed(seed)
         old = torch.get_default_dtype()
         torch.set_default_dtype(dtype)
         try:
             with torch.device(device):
-                self.model = transformers.Phi3ForCausalLM(self.config).eval()
+                model = transformers.Phi3ForCausalLM(pc)
         finally:
             torch.set_default_dtype(old)
-        self.model.to(device=device, dtype=dtype)
-        self.device, self.dtype = self.model.device, dtype
+        self._wrap(model.to(device=device, dtype=dtype))
+
+    @classmethod
+    def from_model(cls, model) -> Phi3:
+        """Wrap an already built ``transformers.Phi3ForCausalLM`` (any shape; its config and dtype are used)."""
+        self = cls.__new__(cls)
+        self._wrap(model)
+        return self
+
+    def _wrap(self, model) -> None:
+        import transformers
+
+        self.tf = transformers
+        self.model = model.eval()
+        self.config = model.config
+        self.device, self.dtype = model.device, model.dtype
         params = inspect.signature(self.model.forward).parameters
         self.cache_kw = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.x
         self.pass_cache_position = "cache_position" in params  # transformers 4.x needs it
