@@ -95,13 +95,9 @@ def _register_fakes() -> None:
     def _(x, qweight, scales, mins, group_size):
         return x.new_empty(x.shape[0], qweight.shape[0])
 
-    @torch.library.register_fake("sambay_cpu::decode_scores")
-    def _(q, k):
-        return q.new_empty(k.shape[0], k.shape[2], 2, q.shape[3], k.shape[3])
-
-    @torch.library.register_fake("sambay_cpu::decode_pv")
-    def _(p, v, splits):
-        return p.new_empty(v.shape[0], v.shape[1], splits, p.shape[2], v.shape[3])
+    @torch.library.register_fake("sambay_cpu::diff_decode")
+    def _(q, k, v, valid, lam, scale):
+        return q.new_empty(k.shape[0], k.shape[2], q.shape[3], v.shape[3])
 
     _FAKES_DONE.append(True)
 
@@ -117,17 +113,10 @@ def diff_decode_cpu(q1: torch.Tensor, q2: torch.Tensor, k: torch.Tensor, v: torc
     Returns (B, H2, 1, 2D).
     """
     B, H2, _, D = q1.shape
-    G, S = k.shape[2], k.shape[3]
+    G = k.shape[2]
     R = H2 // G
-    q = torch.stack([q1[:, :, 0], q2[:, :, 0]], dim=1).view(B, 2, G, R, D).transpose(1, 2)
-    s = torch.ops.sambay_cpu.decode_scores(q.float().contiguous(), k).view(B, G, 2 * R, S)
-    if valid is not None:  # in place: s is this call's own buffer
-        s = s.masked_fill_(~valid[:, None, None, :], float("-inf"))
-    p = torch.softmax(s.mul_(scale), dim=-1)
-    if valid is not None:  # a row with no visible slot: zeros, not the NaN of a softmax over nothing
-        p = torch.where(valid.any(dim=-1)[:, None, None, None], p, torch.zeros_like(p))
-    # Split the keys only when there are fewer (sequence, kv pair) tasks than a few per thread.
-    splits = max(1, min(-(-S // 2048), -(-8 // (B * G))))
-    o = torch.ops.sambay_cpu.decode_pv(p, v, splits).sum(dim=2)  # (B, G, 2R, 2D)
-    out = o[:, :, :R] - lam.float() * o[:, :, R:]
+    q = torch.stack([q1[:, :, 0], q2[:, :, 0]], dim=1).view(B, 2, G, R, D).transpose(1, 2)  # (B, G, 2, R, D)
+    valid = q.new_empty(0, dtype=torch.bool) if valid is None else valid.contiguous()
+    lam32 = lam.detach().float().reshape(1) if isinstance(lam, torch.Tensor) else torch.tensor([float(lam)])
+    out = torch.ops.sambay_cpu.diff_decode(q.float().contiguous(), k, v, valid, lam32, float(scale))  # (B, G, R, 2D)
     return out.reshape(B, H2, 1, 2 * D).to(q1.dtype)

@@ -119,7 +119,7 @@ def diff_attend(q1, q2, k, v, mask, causal: bool, scale: float, lam, dropout_p: 
         with _device_of(q):
             return diff_decode(q, k, v, valid, lam, scale, backend="cuda")[:, :, None]
     decode_cpu = q1.shape[2] == 1 and dropout_p == 0.0
-    if decode_cpu and use_fast("cpu_decode", backend, (q1, k, v), _cpu_decode_call(q1, k, v)):
+    if decode_cpu and use_fast("cpu_decode", backend, (q1, k, v), _cpu_decode_call(q1, k, v, lam)):
         from sambay.kernels.cpu_native import diff_decode_cpu
 
         return diff_decode_cpu(q1, q2, k, v, None if mask is None else mask[:, 0, 0], lam, scale)
@@ -127,13 +127,13 @@ def diff_attend(q1, q2, k, v, mask, causal: bool, scale: float, lam, dropout_p: 
     return o1 - lam * o2
 
 
-def _cpu_decode_call(q1, k, v) -> str | None:
+def _cpu_decode_call(q1, k, v, lam) -> str | None:
     """Why the CPU decode-attention kernels cannot take this call, or None."""
     if k.dtype not in (torch.bfloat16, torch.float16, torch.float32) or not (q1.dtype == k.dtype == v.dtype):
         return f"q/k/v in {q1.dtype}/{k.dtype}/{v.dtype} (the kernels read bf16, fp16 or fp32)"
     if k.stride(-1) != 1 or v.stride(-1) != 1:
         return "K/V without a unit last stride"
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q1, k, v)):
+    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in (q1, k, v, lam)):
         return "a gradient is needed (the kernels have no backward)"
     return None
 

@@ -80,6 +80,9 @@ def test_diff_attend_takes_the_kernel_for_decode_rows(monkeypatch):
     torch.testing.assert_close(fast, twin, rtol=1e-5, atol=1e-6)
     diff_attend(q1.requires_grad_(), q2, k, v, mask, False, 0.25, lam).sum().backward()
     assert calls == [1] and q1.grad is not None
+    lam_p = torch.tensor(0.3, requires_grad=True)  # a trainable lambda needs its gradient too: the twin runs
+    diff_attend(q1.detach(), q2, k, v, mask, False, 0.25, lam_p).sum().backward()
+    assert calls == [1] and lam_p.grad is not None
 
 
 # The ops that would convert or copy a tensor: none of them may touch a K/V-sized tensor in a decode step.
@@ -110,4 +113,4 @@ def test_bf16_decode_step_reads_the_cache_in_place():
                  and any(isinstance(s, list) and read in s[-2:] for s in e.input_shapes)]
     assert not offending, f"K/V-sized copies in a bf16 decode step: {offending[:5]}"
     called = {e.name for e in prof.events()}
-    assert "sambay_cpu::decode_scores" in called and "sambay_cpu::decode_pv" in called
+    assert "sambay_cpu::diff_decode" in called

@@ -1,24 +1,26 @@
-// sambay's CPU kernels for decode attention: a few query rows against a long K/V cache, read in its own dtype.
+// sambay's CPU kernel for differential-attention decode: one query row per sequence against a K/V cache read once,
+// in its own dtype (bf16, fp16 or fp32), with fp32 accumulation and softmax.
 //
 // At long context a decode step's attention is bound by reading K and V; converting them to fp32 first (what a
-// matmul-based twin must do on CPUs without native bf16) writes and re-reads twice their size. These kernels
-// convert each K/V element in registers and accumulate in fp32. The softmax between them runs in PyTorch on the
-// small fp32 score tensor (sambay/kernels/cpu_native.py: diff_decode_cpu).
+// matmul twin must do on CPUs without native bf16) writes and re-reads twice their size. Here each element is
+// widened in registers. Both maps share V, so the kernel forms p = softmax_1 - lam * softmax_2 first and reads V
+// once with half the multiply-adds: (p1 - lam p2) V = p1 V - lam p2 V.
 //
-//   decode_scores(q (B, G, 2, R, D) fp32 contiguous, k (B, 2, G, S, D) bf16/fp16/fp32, unit last stride)
-//       -> (B, G, 2, R, S) fp32: scores[b, g, m, r, s] = <q[b, g, m, r], k[b, m, g, s]>
-//   decode_pv(p (B, G, M, S) fp32 contiguous, v (B, G, S, E) bf16/fp16/fp32, unit last stride, splits)
-//       -> (B, G, splits, M, E) fp32 partial sums over the key ranges of each split (the caller sums them)
+//   diff_decode(q (B, G, 2, R, D) fp32 contiguous: map m, kv pair g, row r;  k (B, 2, G, S, D);  v (B, G, S, E);
+//               valid (B, S) bool contiguous, or an empty tensor for "all visible";  lam (1,) fp32;  scale)
+//       -> (B, G, R, E) fp32; a sequence with no visible slot gets zeros (as diff_decode_ref).
+// k and v need a unit last stride; their other strides are free (views of a longer cache).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
-#include <cstring>
+#include <limits>
+#include <vector>
 
 #include "simd.h"
 
@@ -26,46 +28,140 @@ namespace {
 
 using namespace sambay_simd;
 
-constexpr int64_t kChunk = 512;  // keys per parallel task of decode_scores
-
-// Scores of keys [s0, s1) for the R query rows. qv (R, d16): q's first d16 dims in load16's order for T; the
-// D - d16 tail dims come from q (R, D). Keys are taken 4 at a time so four dot products share one reduction.
+// sc[r * S + s] = <q row r, k row s> for s in [0, S). qv (R, d16): q's first d16 dims in load16's order for T;
+// the tail dims come from q (R, D). Keys go 4 at a time so four dot products share one reduction tree.
 template <typename T>
-void scores_task(const float* qv, const float* q, const T* k, float* out, int64_t R, int64_t D, int64_t d16,
-                 int64_t S, int64_t s0, int64_t s1, int64_t k_stride) {
-  int64_t s = s0;
-  for (; s + 4 <= s1 && d16 == D; s += 4) {
+void scores(const float* qv, const float* q, const T* k, float* sc, int64_t R, int64_t D, int64_t d16, int64_t S,
+            int64_t k_stride) {
+  int64_t s = 0;
+  for (; s + 4 <= S && d16 == D; s += 4) {
     const T* k0 = k + s * k_stride;
     for (int64_t r = 0; r < R; ++r) {
       const float* qr = qv + r * d16;
-      __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
       for (int64_t d = 0; d < D; d += 16) {
         const __m256 x0 = _mm256_loadu_ps(qr + d), x1 = _mm256_loadu_ps(qr + d + 8);
-        for (int j = 0; j < 4; ++j) {
-          __m256 a, b;
-          load16(k0 + j * k_stride + d, a, b);
-          acc[j] = _mm256_fmadd_ps(a, x0, _mm256_fmadd_ps(b, x1, acc[j]));
-        }
+        __m256 u, w;
+        load16(k0 + d, u, w);
+        a0 = _mm256_fmadd_ps(u, x0, _mm256_fmadd_ps(w, x1, a0));
+        load16(k0 + k_stride + d, u, w);
+        a1 = _mm256_fmadd_ps(u, x0, _mm256_fmadd_ps(w, x1, a1));
+        load16(k0 + 2 * k_stride + d, u, w);
+        a2 = _mm256_fmadd_ps(u, x0, _mm256_fmadd_ps(w, x1, a2));
+        load16(k0 + 3 * k_stride + d, u, w);
+        a3 = _mm256_fmadd_ps(u, x0, _mm256_fmadd_ps(w, x1, a3));
       }
-      const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
-      _mm_storeu_ps(out + r * S + s, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+      const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+      _mm_storeu_ps(sc + r * S + s, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
     }
   }
-  for (; s < s1; ++s) {
+  for (; s < S; ++s) {
     const T* kr = k + s * k_stride;
     for (int64_t r = 0; r < R; ++r) {
       __m256 acc = _mm256_setzero_ps();
       for (int64_t d = 0; d < d16; d += 16) {
-        __m256 a, b;
-        load16(kr + d, a, b);
-        acc = _mm256_fmadd_ps(a, _mm256_loadu_ps(qv + r * d16 + d),
-                              _mm256_fmadd_ps(b, _mm256_loadu_ps(qv + r * d16 + d + 8), acc));
+        __m256 u, w;
+        load16(kr + d, u, w);
+        acc = _mm256_fmadd_ps(u, _mm256_loadu_ps(qv + r * d16 + d),
+                              _mm256_fmadd_ps(w, _mm256_loadu_ps(qv + r * d16 + d + 8), acc));
       }
       float x = hsum(acc);
       for (int64_t d = d16; d < D; ++d) x += q[r * D + d] * to_f32(kr[d]);
-      out[r * S + s] = x;
+      sc[r * S + s] = x;
     }
   }
+}
+
+// Row x (S) -> exp(scale * x - max) over the visible slots (0 elsewhere), in place; returns the sum, or 0 when
+// no slot is visible. visible: S bytes (0/1) or nullptr.
+float softmax_numerators(float* x, int64_t S, float scale, const uint8_t* visible) {
+  const int64_t s8 = S - S % 8;
+  const __m256 vscale = _mm256_set1_ps(scale), ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  __m256 vmax = ninf;
+  for (int64_t s = 0; s < s8; s += 8) {
+    __m256 v = _mm256_mul_ps(_mm256_loadu_ps(x + s), vscale);
+    if (visible) {
+      const __m256i on = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(visible + s)));
+      v = _mm256_blendv_ps(ninf, v, _mm256_castsi256_ps(_mm256_cmpgt_epi32(on, _mm256_setzero_si256())));
+    }
+    _mm256_storeu_ps(x + s, v);
+    vmax = _mm256_max_ps(vmax, v);
+  }
+  float mx = hmax(vmax);
+  for (int64_t s = s8; s < S; ++s) {
+    x[s] = (visible && !visible[s]) ? -std::numeric_limits<float>::infinity() : x[s] * scale;
+    mx = std::max(mx, x[s]);
+  }
+  if (mx == -std::numeric_limits<float>::infinity()) return 0.f;
+  const __m256 vm = _mm256_set1_ps(mx);
+  __m256 vsum = _mm256_setzero_ps();
+  for (int64_t s = 0; s < s8; s += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + s), vm));
+    _mm256_storeu_ps(x + s, e);
+    vsum = _mm256_add_ps(vsum, e);
+  }
+  float sum = hsum(vsum);
+  for (int64_t s = s8; s < S; ++s) {
+    x[s] = x[s] == -std::numeric_limits<float>::infinity() ? 0.f : std::exp(x[s] - mx);
+    sum += x[s];
+  }
+  return sum;
+}
+
+// out[i, e..e+16) += sum_{s in [t0, t1)} p[i, s] v[s, e..e+16) for MB rows i. pb holds the tile's p values
+// already broadcast (pb[(s - t0) * MB + i]), so the inner loop is loads and multiply-adds only; accumulators are
+// in load16's column order for T.
+template <typename T, int MB>
+inline void pv_block(const __m256* pb, const T* v, float* out, int64_t E, int64_t t0, int64_t t1, int64_t e,
+                     int64_t v_stride) {
+  __m256 acc[MB][2];
+  for (int i = 0; i < MB; ++i) {
+    acc[i][0] = _mm256_loadu_ps(out + i * E + e);
+    acc[i][1] = _mm256_loadu_ps(out + i * E + e + 8);
+    if (Permuted<T>::value) swap_lanes(acc[i][0], acc[i][1]);
+  }
+  for (int64_t s = t0; s < t1; ++s) {
+    __m256 v0, v1;
+    load16(v + s * v_stride + e, v0, v1);
+    for (int i = 0; i < MB; ++i) {
+      acc[i][0] = _mm256_fmadd_ps(pb[(s - t0) * MB + i], v0, acc[i][0]);
+      acc[i][1] = _mm256_fmadd_ps(pb[(s - t0) * MB + i], v1, acc[i][1]);
+    }
+  }
+  for (int i = 0; i < MB; ++i) {
+    if (Permuted<T>::value) swap_lanes(acc[i][0], acc[i][1]);
+    _mm256_storeu_ps(out + i * E + e, acc[i][0]);
+    _mm256_storeu_ps(out + i * E + e + 8, acc[i][1]);
+  }
+}
+
+// out (MB, E) += p (MB rows of stride S) @ v (S, E), keys in L1-sized tiles.
+template <typename T, int MB>
+void pv_rows(const float* p, const T* v, float* out, int64_t S, int64_t E, int64_t v_stride) {
+  constexpr int64_t kTile = 32;
+  alignas(32) __m256 pb[kTile * MB];
+  const int64_t e16 = E - E % 16;
+  for (int64_t t0 = 0; t0 < S; t0 += kTile) {
+    const int64_t t1 = std::min(S, t0 + kTile);
+    for (int64_t s = t0; s < t1; ++s)
+      for (int i = 0; i < MB; ++i) pb[(s - t0) * MB + i] = _mm256_set1_ps(p[i * S + s]);
+    for (int64_t e = 0; e < e16; e += 16) pv_block<T, MB>(pb, v, out, E, t0, t1, e, v_stride);
+    for (int i = 0; i < MB; ++i) {
+      for (int64_t e = e16; e < E; ++e) {
+        float x = out[i * E + e];
+        for (int64_t s = t0; s < t1; ++s) x += p[i * S + s] * to_f32(v[s * v_stride + e]);
+        out[i * E + e] = x;
+      }
+    }
+  }
+}
+
+template <typename T>
+void pv(const float* p, const T* v, float* out, int64_t R, int64_t S, int64_t E, int64_t v_stride) {
+  int64_t r = 0;
+  for (; r + 4 <= R; r += 4) pv_rows<T, 4>(p + r * S, v, out + r * E, S, E, v_stride);
+  for (; r + 2 <= R; r += 2) pv_rows<T, 2>(p + r * S, v, out + r * E, S, E, v_stride);
+  for (; r < R; ++r) pv_rows<T, 1>(p + r * S, v, out + r * E, S, E, v_stride);
 }
 
 // The last dim of a contiguous fp32 tensor, first d16 entries only, in load16's order when ``permuted``.
@@ -77,136 +173,85 @@ at::Tensor vector_part(const at::Tensor& x, int64_t d16, bool permuted) {
 }
 
 template <typename T>
-at::Tensor scores(const at::Tensor& q, const at::Tensor& k) {
-  const int64_t B = k.size(0), G = k.size(2), S = k.size(3), D = k.size(4), R = q.size(3);
+at::Tensor run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& valid, float lam,
+               float scale) {
+  const int64_t B = k.size(0), G = k.size(2), S = k.size(3), D = k.size(4), R = q.size(3), E = v.size(3);
   const int64_t d16 = D - D % 16;
   at::Tensor qv = vector_part(q, d16, Permuted<T>::value);
-  at::Tensor out = at::empty({B, G, 2, R, S}, q.options());
+  at::Tensor out = at::zeros({B, G, R, E}, q.options());
   const float* qvp = qv.data_ptr<float>();
   const float* qp = q.data_ptr<float>();
   const T* kp = reinterpret_cast<const T*>(k.data_ptr());
+  const T* vp = reinterpret_cast<const T*>(v.data_ptr());
+  const uint8_t* visible = valid.numel() ? reinterpret_cast<const uint8_t*>(valid.data_ptr()) : nullptr;
   float* op = out.data_ptr<float>();
-  const int64_t chunks = (S + kChunk - 1) / kChunk, tasks = B * G * 2 * chunks;
-  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+  at::parallel_for(0, B * G, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> sc(2 * R * S);  // the two maps' scores, then their softmax numerators
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t c = t % chunks, m = (t / chunks) % 2, g = (t / chunks / 2) % G, b = t / chunks / 2 / G;
-      const int64_t s0 = c * kChunk, s1 = std::min(S, s0 + kChunk);
-      const int64_t row = ((b * G + g) * 2 + m) * R;
-      const T* kbg = kp + b * k.stride(0) + m * k.stride(1) + g * k.stride(2);
-      scores_task<T>(qvp + row * d16, qp + row * D, kbg, op + row * S, R, D, d16, S, s0, s1, k.stride(3));
+      const int64_t b = t / G, g = t % G;
+      for (int64_t m = 0; m < 2; ++m) {
+        const int64_t row = ((b * G + g) * 2 + m) * R;
+        scores<T>(qvp + row * d16, qp + row * D, kp + b * k.stride(0) + m * k.stride(1) + g * k.stride(2),
+                  sc.data() + m * R * S, R, D, d16, S, k.stride(3));
+      }
+      const uint8_t* vis = visible ? visible + b * S : nullptr;
+      bool any = true;
+      std::vector<float> inv(2 * R);
+      for (int64_t i = 0; i < 2 * R; ++i) {
+        const float sum = softmax_numerators(sc.data() + i * S, S, scale, vis);
+        any = any && sum > 0.f;
+        inv[i] = sum > 0.f ? 1.f / sum : 0.f;
+      }
+      if (!any) continue;  // no visible slot: the output stays zero
+      // p = p1 - lam * p2, written over the first map's rows
+      for (int64_t r = 0; r < R; ++r) {
+        float* p1 = sc.data() + r * S;
+        const float* p2 = sc.data() + (R + r) * S;
+        const __m256 a = _mm256_set1_ps(inv[r]), c = _mm256_set1_ps(-lam * inv[R + r]);
+        int64_t s = 0;
+        for (; s + 8 <= S; s += 8)
+          _mm256_storeu_ps(p1 + s, _mm256_fmadd_ps(_mm256_loadu_ps(p2 + s), c,
+                                                   _mm256_mul_ps(_mm256_loadu_ps(p1 + s), a)));
+        for (; s < S; ++s) p1[s] = p1[s] * inv[r] - lam * inv[R + r] * p2[s];
+      }
+      pv<T>(sc.data(), vp + b * v.stride(0) + g * v.stride(1), op + t * R * E, R, S, E, v.stride(2));
     }
   });
   return out;
 }
 
-at::Tensor decode_scores(const at::Tensor& q, const at::Tensor& k) {
-  const char* op = "sambay_cpu::decode_scores";
+at::Tensor diff_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& valid,
+                       const at::Tensor& lam, double scale) {
+  const char* op = "sambay_cpu::diff_decode";
   TORCH_CHECK(k.device().is_cpu() && k.dim() == 5 && k.size(1) == 2 && k.stride(4) == 1, op,
               ": k must be a (B, 2, G, S, D) CPU tensor with unit last stride, got ", k.sizes(), " strides ",
               k.strides());
+  TORCH_CHECK(v.device().is_cpu() && v.dim() == 4 && v.size(0) == k.size(0) && v.size(1) == k.size(2) &&
+              v.size(2) == k.size(3) && v.stride(3) == 1 && v.scalar_type() == k.scalar_type(), op,
+              ": v must be a (B, G, S, E) CPU tensor of k's dtype matching k ", k.sizes(), " with unit last stride, "
+              "got ", v.scalar_type(), " ", v.sizes(), " strides ", v.strides());
   TORCH_CHECK(q.device().is_cpu() && q.scalar_type() == at::kFloat && q.is_contiguous() && q.dim() == 5 &&
               q.size(0) == k.size(0) && q.size(1) == k.size(2) && q.size(2) == 2 && q.size(4) == k.size(4), op,
               ": q must be contiguous fp32 (B, G, 2, R, D) matching k ", k.sizes(), ", got ", q.scalar_type(), " ",
               q.sizes());
-  if (k.scalar_type() == at::kBFloat16) return scores<uint16_t>(q, k);
-  if (k.scalar_type() == at::kHalf) return scores<f16>(q, k);
-  TORCH_CHECK(k.scalar_type() == at::kFloat, op, ": k must be bfloat16, float16 or float32, got ", k.scalar_type());
-  return scores<float>(q, k);
-}
-
-// Rows [m0, m0 + MB) of p against keys [t0, t1) of v, columns [e, e + 16), accumulated into out. MB is a
-// compile-time count so the accumulators stay in registers; they hold columns in load16's order for T.
-template <typename T, int MB>
-inline void pv_block(const float* p, const T* v, float* out, int64_t m0, int64_t S, int64_t E, int64_t t0,
-                     int64_t t1, int64_t e, int64_t v_stride) {
-  __m256 acc[MB][2];
-  for (int i = 0; i < MB; ++i) {
-    acc[i][0] = _mm256_loadu_ps(out + (m0 + i) * E + e);
-    acc[i][1] = _mm256_loadu_ps(out + (m0 + i) * E + e + 8);
-    if (Permuted<T>::value) swap_lanes(acc[i][0], acc[i][1]);
+  TORCH_CHECK(valid.numel() == 0 || (valid.scalar_type() == at::kBool && valid.is_contiguous() && valid.dim() == 2 &&
+              valid.size(0) == k.size(0) && valid.size(1) == k.size(3)), op,
+              ": valid must be empty or a contiguous (B, S) bool tensor, got ", valid.scalar_type(), " ", valid.sizes());
+  TORCH_CHECK(lam.numel() == 1 && lam.scalar_type() == at::kFloat && lam.device().is_cpu(), op,
+              ": lam must be a one-element fp32 CPU tensor, got ", lam.scalar_type(), " ", lam.sizes());
+  const float l = lam.data_ptr<float>()[0], s = static_cast<float>(scale);
+  switch (k.scalar_type()) {
+    case at::kBFloat16: return run<uint16_t>(q, k, v, valid, l, s);
+    case at::kHalf: return run<f16>(q, k, v, valid, l, s);
+    case at::kFloat: return run<float>(q, k, v, valid, l, s);
+    default: TORCH_CHECK(false, op, ": k and v must be bfloat16, float16 or float32, got ", k.scalar_type());
   }
-  for (int64_t s = t0; s < t1; ++s) {
-    __m256 v0, v1;
-    load16(v + s * v_stride + e, v0, v1);
-    for (int i = 0; i < MB; ++i) {
-      const __m256 w = _mm256_broadcast_ss(p + (m0 + i) * S + s);
-      acc[i][0] = _mm256_fmadd_ps(w, v0, acc[i][0]);
-      acc[i][1] = _mm256_fmadd_ps(w, v1, acc[i][1]);
-    }
-  }
-  for (int i = 0; i < MB; ++i) {
-    if (Permuted<T>::value) swap_lanes(acc[i][0], acc[i][1]);
-    _mm256_storeu_ps(out + (m0 + i) * E + e, acc[i][0]);
-    _mm256_storeu_ps(out + (m0 + i) * E + e + 8, acc[i][1]);
-  }
-}
-
-// One task: rows [0, M) of p against keys [s0, s1) of v, all E columns, into out (M, E). Keys are taken in
-// tiles small enough to stay in L1 while each 16-column block of the tile is accumulated for 4 rows at a time.
-template <typename T>
-void pv_task(const float* p, const T* v, float* out, int64_t M, int64_t S, int64_t E, int64_t s0, int64_t s1,
-             int64_t v_stride) {
-  constexpr int64_t kTile = 32;
-  const int64_t e16 = E - E % 16;
-  for (int64_t t0 = s0; t0 < s1; t0 += kTile) {
-    const int64_t t1 = std::min(s1, t0 + kTile);
-    for (int64_t e = 0; e < e16; e += 16) {
-      int64_t m0 = 0;
-      for (; m0 + 4 <= M; m0 += 4) pv_block<T, 4>(p, v, out, m0, S, E, t0, t1, e, v_stride);
-      for (; m0 < M; ++m0) pv_block<T, 1>(p, v, out, m0, S, E, t0, t1, e, v_stride);
-    }
-    for (int64_t m = 0; m < M; ++m) {
-      for (int64_t e = e16; e < E; ++e) {
-        float x = out[m * E + e];
-        for (int64_t s = t0; s < t1; ++s) x += p[m * S + s] * to_f32(v[s * v_stride + e]);
-        out[m * E + e] = x;
-      }
-    }
-  }
-}
-
-template <typename T>
-at::Tensor pv(const at::Tensor& p, const at::Tensor& v, int64_t splits) {
-  const int64_t B = v.size(0), G = v.size(1), S = v.size(2), E = v.size(3), M = p.size(2);
-  at::Tensor out = at::zeros({B, G, splits, M, E}, p.options());
-  const float* pp = p.data_ptr<float>();
-  const T* vp = reinterpret_cast<const T*>(v.data_ptr());
-  float* op = out.data_ptr<float>();
-  const int64_t len = (S + splits - 1) / splits;
-  at::parallel_for(0, B * G * splits, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t c = t % splits, g = (t / splits) % G, b = t / splits / G;
-      const int64_t s0 = std::min(S, c * len), s1 = std::min(S, s0 + len);
-      pv_task<T>(pp + (b * G + g) * M * S, vp + b * v.stride(0) + g * v.stride(1), op + t * M * E, M, S, E, s0, s1,
-                 v.stride(2));
-    }
-  });
-  return out;
-}
-
-at::Tensor decode_pv(const at::Tensor& p, const at::Tensor& v, int64_t splits) {
-  const char* op = "sambay_cpu::decode_pv";
-  TORCH_CHECK(v.device().is_cpu() && v.dim() == 4 && v.stride(3) == 1, op,
-              ": v must be a (B, G, S, E) CPU tensor with unit last stride, got ", v.sizes(), " strides ", v.strides());
-  TORCH_CHECK(p.device().is_cpu() && p.scalar_type() == at::kFloat && p.is_contiguous() && p.dim() == 4 &&
-              p.size(0) == v.size(0) && p.size(1) == v.size(1) && p.size(3) == v.size(2), op,
-              ": p must be contiguous fp32 (B, G, M, S) matching v ", v.sizes(), ", got ", p.scalar_type(), " ",
-              p.sizes());
-  TORCH_CHECK(splits >= 1, op, ": splits must be >= 1, got ", splits);
-  if (v.scalar_type() == at::kBFloat16) return pv<uint16_t>(p, v, splits);
-  if (v.scalar_type() == at::kHalf) return pv<f16>(p, v, splits);
-  TORCH_CHECK(v.scalar_type() == at::kFloat, op, ": v must be bfloat16, float16 or float32, got ", v.scalar_type());
-  return pv<float>(p, v, splits);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(sambay_cpu, m) {
-  m.def("decode_scores(Tensor q, Tensor k) -> Tensor");
-  m.def("decode_pv(Tensor p, Tensor v, int splits) -> Tensor");
+  m.def("diff_decode(Tensor q, Tensor k, Tensor v, Tensor valid, Tensor lam, float scale) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(sambay_cpu, CPU, m) {
-  m.impl("decode_scores", &decode_scores);
-  m.impl("decode_pv", &decode_pv);
-}
+TORCH_LIBRARY_IMPL(sambay_cpu, CPU, m) { m.impl("diff_decode", &diff_decode); }

@@ -27,45 +27,46 @@ using namespace sambay_simd;
 
 constexpr int64_t kRows = 4;  // output rows per inner block: each x vector loaded once serves 4 rows
 
+// sums[r] = <xv, w row r> over the first k16 columns, for RB consecutive rows (row stride K). Accumulators are
+// locals of this function alone, so they stay in registers (sharing them with a tail loop made GCC spill them).
+template <typename W, int RB>
+inline void dot_rows(const float* xv, const W* w, int64_t K, int64_t k16, float* sums) {
+  __m256 acc[RB][2];
+  for (int r = 0; r < RB; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < k16; k += 16) {
+    const __m256 x0 = _mm256_loadu_ps(xv + k), x1 = _mm256_loadu_ps(xv + k + 8);
+    for (int r = 0; r < RB; ++r) {
+      __m256 a, b;
+      load16(w + r * K + k, a, b);
+      acc[r][0] = _mm256_fmadd_ps(a, x0, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(b, x1, acc[r][1]);
+    }
+  }
+  for (int r = 0; r < RB; ++r) sums[r] = hsum(_mm256_add_ps(acc[r][0], acc[r][1]));
+}
+
 // out[m, n] = sum_k x[m, k] * w[n, k] * (scale ? scale[n] : 1) for n in [n0, n1). xv (M, k16) is x's first k16
 // columns in load16's order for W; the K - k16 tail columns are read from x (M, K) one at a time.
 template <typename W>
 void dense_rows(const float* xv, const float* x, const W* w, const float* scale, float* out, int64_t M, int64_t N,
                 int64_t K, int64_t k16, int64_t n0, int64_t n1) {
   for (int64_t m = 0; m < M; ++m) {
-    const float* xvm = xv + m * k16;
     const float* xm = x + m * K;
     float* om = out + m * N;
-    int64_t n = n0;
-    for (; n < n1; n += kRows) {
-      const int64_t rows = std::min(kRows, n1 - n);
-      __m256 acc[kRows][2];
-      for (int r = 0; r < kRows; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    for (int64_t n = n0; n < n1;) {
+      float sums[kRows];
+      const int64_t rows = n + kRows <= n1 ? kRows : 1;
       if (rows == kRows) {
-        for (int64_t k = 0; k < k16; k += 16) {
-          const __m256 x0 = _mm256_loadu_ps(xvm + k), x1 = _mm256_loadu_ps(xvm + k + 8);
-          for (int r = 0; r < kRows; ++r) {
-            __m256 a, b;
-            load16(w + (n + r) * K + k, a, b);
-            acc[r][0] = _mm256_fmadd_ps(a, x0, acc[r][0]);
-            acc[r][1] = _mm256_fmadd_ps(b, x1, acc[r][1]);
-          }
-        }
+        dot_rows<W, kRows>(xv + m * k16, w + n * K, K, k16, sums);
       } else {
-        for (int64_t r = 0; r < rows; ++r) {
-          for (int64_t k = 0; k < k16; k += 16) {
-            __m256 a, b;
-            load16(w + (n + r) * K + k, a, b);
-            acc[r][0] = _mm256_fmadd_ps(a, _mm256_loadu_ps(xvm + k), acc[r][0]);
-            acc[r][1] = _mm256_fmadd_ps(b, _mm256_loadu_ps(xvm + k + 8), acc[r][1]);
-          }
-        }
+        dot_rows<W, 1>(xv + m * k16, w + n * K, K, k16, sums);
       }
       for (int64_t r = 0; r < rows; ++r) {
-        float s = hsum(_mm256_add_ps(acc[r][0], acc[r][1]));
+        float s = sums[r];
         for (int64_t k = k16; k < K; ++k) s += xm[k] * to_f32(w[(n + r) * K + k]);
         om[n + r] = scale ? s * scale[n + r] : s;
       }
+      n += rows;
     }
   }
 }
