@@ -76,6 +76,12 @@ class SambaY:
         """A fresh prefill of ids (B, T) into a new cache; last-position logits (B, 1, V)."""
         return self.model(ids, cache=self.model.allocate_cache(ids.shape[0], ids.shape[1]), logits_to_keep=1).logits
 
+    def prefill_chunk(self, state: dict, ids: torch.Tensor) -> torch.Tensor:
+        """Prefill ids (B, T) after the state's context (a chunk of a longer prompt); last-position logits."""
+        logits = self.model(ids, cache=state["cache"], logits_to_keep=1).logits
+        state["pos"] += ids.shape[1]
+        return logits
+
 
 def phi3_config(config: dict):
     """The same-shape ``transformers.Phi3Config`` of a sambay config dict."""
@@ -154,6 +160,11 @@ class Phi3:
         logits = self._forward(state["token"][:, None], state["cache"], state["pos"])
         state["token"] = logits[:, -1].argmax(-1)
         state["pos"] += 1
+
+    def prefill_chunk(self, state: dict, ids: torch.Tensor) -> torch.Tensor:
+        logits = self._forward(ids, state["cache"], state["pos"])
+        state["pos"] += ids.shape[1]
+        return logits
 
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
         try:
