@@ -10,9 +10,10 @@ from sambay.model import CausalLMOutput, SambaYForCausalLM, SambaYModel
 __version__ = "0.1.0"
 
 
-def from_pretrained(path, dtype=None, device=None) -> SambaYForCausalLM:
-    """Load a checkpoint directory (or hub id) as a SambaYForCausalLM. See SambaYForCausalLM.from_pretrained."""
-    return SambaYForCausalLM.from_pretrained(path, dtype=dtype, device=device)
+def from_pretrained(path, dtype=None, device=None, **kwargs) -> SambaYForCausalLM:
+    """Load a checkpoint directory (or hub id) as a SambaYForCausalLM; keywords (quantize, group_size, check_finite)
+    as SambaYForCausalLM.from_pretrained."""
+    return SambaYForCausalLM.from_pretrained(path, dtype=dtype, device=device, **kwargs)
 
 
 def generate(model, input_ids, **kwargs):

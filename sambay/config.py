@@ -47,8 +47,7 @@ HF_KEYS: frozenset[str] = frozenset({
 })
 # Keys that would change the architecture if set: accepted only with the value SambaY hard-codes
 # (ARCHITECTURE.md section 2), refused otherwise rather than silently ignored.
-FIXED_KEYS: dict[str, Any] = {"mlp_bias": False, "lm_head_bias": False, "rope_scaling": None,
-                              "quantization_config": None}
+FIXED_KEYS: dict[str, Any] = {"mlp_bias": False, "lm_head_bias": False, "rope_scaling": None}
 # Derived sizes (never written by to_dict): a config that states one must agree with the derivation.
 DERIVED = ("head_dim", "d_inner", "dt_rank", "memory_layer", "kv_layer")
 
@@ -124,6 +123,9 @@ class SambaYConfig:
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
     torch_dtype: str | None = None
+    # Weight-only quantization (sambay.quant.QuantizationConfig; config.json holds its dict), or None. How weights
+    # are stored, not the architecture: configs that differ only here compare equal (a cache fits both).
+    quantization_config: Any = field(default=None, compare=False)
     # Keys of config.json that the architecture does not use (architectures, auto_map, ...), kept so
     # that save_pretrained writes them back unchanged.
     extra: dict = field(default_factory=dict, compare=False, repr=False)
@@ -140,6 +142,7 @@ class SambaYConfig:
         if self.num_key_value_heads is None:
             object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
         object.__setattr__(self, "torch_dtype", _dtype_name(self.torch_dtype))  # "torch.bfloat16" -> "bfloat16"
+        object.__setattr__(self, "quantization_config", _quantization(self.quantization_config))
         self._validate()
         n = self.num_hidden_layers
         dt_rank = math.ceil(self.hidden_size / 16) if self.mamba_dt_rank == "auto" else int(self.mamba_dt_rank)
@@ -295,8 +298,10 @@ class SambaYConfig:
     def to_dict(self) -> dict:
         out = {"model_type": MODEL_TYPE}
         for f in dataclasses.fields(self):
-            if f.init and f.name != "extra":
+            if f.init and f.name not in ("extra", "quantization_config"):
                 out[f.name] = getattr(self, f.name)
+        if self.quantization_config is not None:  # written only when set, as transformers does
+            out["quantization_config"] = self.quantization_config.to_dict()
         out.update(self.extra)
         return dict(sorted(out.items()))
 
@@ -344,6 +349,22 @@ def _set_use_cache(self, name: str, value: Any) -> None:
 
 
 SambaYConfig.__setattr__ = _set_use_cache
+
+
+def _quantization(value: Any):
+    """config.json's quantization_config (a dict; {} and null mean none) -> sambay.quant.QuantizationConfig or None.
+    Only sambay's own format is accepted: any other (bitsandbytes, gptq, a newer format_version) is a ValueError
+    naming what was found and what this code reads."""
+    if value is None or value == {}:
+        return None
+    from sambay.quant import QuantizationConfig  # imports torch: only for quantized configs
+
+    if isinstance(value, QuantizationConfig):
+        return value
+    try:
+        return QuantizationConfig.from_dict(value)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"SambaYConfig.{e}") from None
 
 
 def _window_from_config(value: Any, num_layers: int) -> Any:

@@ -275,7 +275,7 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
                else type(input_ids).__name__)
         raise TypeError(f"input_ids: expected a 2-D integer tensor (B, P), got {got}")
     s = resolve(model, generation_config, **kwargs)
-    vocab = model.lm_head.weight.shape[0]
+    vocab = model.lm_head.out_features  # nn.Linear and QuantLinear alike
     B0, P = input_ids.shape
     device = input_ids.device
     do_sample = bool(s["do_sample"])

@@ -29,9 +29,10 @@ __all__ = ["Phi4FlashConfig", "Phi4FlashForCausalLM", "register"]  # noqa: F822 
 
 HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
 registered = False  # set by register()
-# SambaYConfig's constructor fields and defaults: the transformers config carries exactly these keys.
+# SambaYConfig's constructor fields and defaults: the transformers config carries exactly these keys (and
+# quantization_config only when the weights are quantized: transformers reads its presence as "quantized").
 _FIELDS = {f.name: f.default for f in dataclasses.fields(SambaYConfig)
-           if f.init and f.name not in ("extra", "torch_dtype")}
+           if f.init and f.name not in ("extra", "torch_dtype", "quantization_config")}
 
 
 def __getattr__(name: str):
@@ -84,6 +85,8 @@ if HAS_TRANSFORMERS:
             d.update({name: getattr(self, name) for name in _FIELDS if hasattr(self, name)})
             dtype = vars(self).get("dtype") or vars(self).get("torch_dtype")  # transformers 5 / 4 (no warning)
             d["torch_dtype"] = str(dtype).removeprefix("torch.") if dtype is not None else None
+            if vars(self).get("quantization_config") is not None:
+                d["quantization_config"] = self.quantization_config
             return SambaYConfig.from_dict(d)
 
         @classmethod

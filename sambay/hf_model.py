@@ -93,8 +93,12 @@ class Phi4FlashForCausalLM(CausalLMMixin, SambaYGenerationMixin, PreTrainedModel
                                       hidden_states=out.hidden_states)
 
     def tie_weights(self, *args, **kwargs) -> None:
-        if self.config.tie_word_embeddings:
+        if self.config.tie_word_embeddings and isinstance(self.lm_head, torch.nn.Linear):  # quantized: a copy
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    def _set_quantization_config(self, qc) -> None:
+        self.config.quantization_config = qc.to_dict()
+        self.model.config = self._sambay_base = self.sambay_config
 
     def resize_token_embeddings(self, *args, **kwargs):
         """transformers' resize (it updates ``config.vocab_size`` and re-ties the head), then the SambaYModel's
@@ -113,10 +117,13 @@ class Phi4FlashForCausalLM(CausalLMMixin, SambaYGenerationMixin, PreTrainedModel
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, config: Phi4FlashConfig | None = None,
-                        dtype=None, torch_dtype=None, device_map=None, **kwargs) -> Phi4FlashForCausalLM:
+                        dtype=None, torch_dtype=None, device_map=None, quantize: str | None = None,
+                        group_size: int | None = None, **kwargs) -> Phi4FlashForCausalLM:
         """sambay's strict loader (a directory, or a hub id through huggingface_hub). ``config`` (AutoModel
-        passes one, with overrides such as ``resid_pdrop=0.1`` applied) must match the weights. Arguments that
-        ask for what sambay does not do (quantization, GGUF, multi-device maps) are TypeErrors unless unset."""
+        passes one, with overrides such as ``resid_pdrop=0.1`` applied) must match the weights. ``quantize`` /
+        ``group_size``: sambay's weight-only quantization while loading (a checkpoint saved quantized by sambay loads
+        quantized without them). Arguments that ask for what sambay does not do (transformers' quantizers, GGUF,
+        multi-device maps) are TypeErrors unless unset."""
         bad = sorted(k for k in kwargs if k not in _IGNORED and (k not in _UNSET or kwargs[k] not in _UNSET[k]))
         if args or bad:
             shown = [repr(a) for a in args] + [f"{k}={kwargs[k]!r}" for k in bad]
@@ -130,7 +137,8 @@ class Phi4FlashForCausalLM(CausalLMMixin, SambaYGenerationMixin, PreTrainedModel
         from sambay.loading import from_pretrained, resolve_checkpoint
 
         directory = resolve_checkpoint(pretrained_model_name_or_path)
-        lm = from_pretrained(directory, dtype=None if dtype == "auto" else dtype, device=device, cls=build)
+        lm = from_pretrained(directory, dtype=None if dtype == "auto" else dtype, device=device, cls=build,
+                             quantize=quantize, group_size=group_size)
         model = cls(Phi4FlashConfig.from_sambay(lm.config), sambay_model=lm).eval()
         model.config.name_or_path = model.name_or_path = os.fspath(pretrained_model_name_or_path)  # peft reads it
         saved = read_generation_config(directory)

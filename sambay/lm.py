@@ -184,6 +184,15 @@ class CausalLMMixin:
         if backend != "torch":
             active_backends(self.model.embed_tokens.weight.device)
 
+    def quantize(self, weights: str, group_size: int | None = None):
+        """Quantize the hot-path linears in place, weight-only: ``"int8"`` (per output channel) or ``"int4"``
+        (groups of ``group_size`` input columns, default 128; a linear it does not divide stays dense). Returns self;
+        ``config.quantization_config`` records what was quantized, and save_pretrained writes it. See sambay.quant."""
+        from sambay.quant import quantize_model
+
+        quantize_model(self, weights, group_size)
+        return self
+
     # ---- activation checkpointing (the transformers 5 entry points) ------------------------------
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,
                                         every_n_layers: int = 1, offload: bool = False) -> None:

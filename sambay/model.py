@@ -12,6 +12,7 @@ written for every position): the YOCO prefill skip, exact by construction.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from sambay import quant
 from sambay.cache import KeyColumns, SambaYCache
 from sambay.config import SambaYConfig
 from sambay.generation import SambaYGenerationMixin
@@ -338,6 +340,8 @@ class SambaYForCausalLM(CausalLMMixin, SambaYGenerationMixin, nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         if self.lm_head.weight.device.type != "meta":
             self.init_weights()
+        if config.quantization_config is not None:  # on meta: empty QuantLinears for the loader to fill
+            quant.convert(self, config.quantization_config)
 
     @property
     def sambay_config(self) -> SambaYConfig:
@@ -352,8 +356,11 @@ class SambaYForCausalLM(CausalLMMixin, SambaYGenerationMixin, nn.Module):
         return self.model.embed_tokens.weight.device
 
     def tie_weights(self) -> None:
-        if self.config.tie_word_embeddings:
+        if self.config.tie_word_embeddings and isinstance(self.lm_head, nn.Linear):  # a quantized head is a copy
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    def _set_quantization_config(self, qc) -> None:
+        self.config = self.model.config = dataclasses.replace(self.config, quantization_config=qc)
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -374,14 +381,17 @@ class SambaYForCausalLM(CausalLMMixin, SambaYGenerationMixin, nn.Module):
 
     # ---- loading and saving (the logic lives in sambay.loading) -------------------------------
     @classmethod
-    def from_pretrained(cls, path, dtype: torch.dtype | None = None, device=None, *,
-                        check_finite: bool = True) -> SambaYForCausalLM:
+    def from_pretrained(cls, path, dtype: torch.dtype | None = None, device=None, *, quantize: str | None = None,
+                        group_size: int | None = None, check_finite: bool = True) -> SambaYForCausalLM:
         """A checkpoint directory or hub id; ``generation_config.json``, if present, sets generate()'s defaults.
+        quantize: "int8" or "int4" (group_size, default 128) quantizes the linears while loading (see sambay.quant);
+        a checkpoint saved quantized loads quantized without it.
         check_finite: refuse NaN/inf weights, naming the tensor (one sum per tensor, ~0.1-0.25 s/GB)."""
         from sambay.loading import from_pretrained, resolve_checkpoint
 
         directory = resolve_checkpoint(path)
-        model = from_pretrained(directory, dtype=dtype, device=device, cls=cls, check_finite=check_finite)
+        model = from_pretrained(directory, dtype=dtype, device=device, cls=cls, quantize=quantize,
+                                group_size=group_size, check_finite=check_finite)
         model.generation_config = read_generation_config(directory)
         model.name_or_path = str(path)
         return model

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 _CODES = {torch.bfloat16: "BF16", torch.float32: "F32"}
 
 # In a fresh process: the peak RSS (VmHWM; ru_maxrss would carry over a big parent's peak across fork+exec)
-# after importing, then after from_pretrained.
+# after importing, then after from_pretrained (argv[2]: quantize, "" for none); the loaded model's bytes.
 _CHILD = r"""
 import json, sys, time, torch, sambay
 def hwm():
@@ -31,8 +31,11 @@ def hwm():
 torch.set_num_threads(1)
 base = hwm()
 t0 = time.perf_counter()
-model = sambay.SambaYForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16)
-print("RESULT " + json.dumps({"base": base, "peak": hwm(), "load_s": time.perf_counter() - t0}))
+model = sambay.SambaYForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16, quantize=sys.argv[2] or None)
+load_s = time.perf_counter() - t0
+tensors = {t.data_ptr(): t for t in [*model.parameters(), *model.buffers()]}.values()
+print("RESULT " + json.dumps({"base": base, "peak": hwm(), "load_s": load_s,
+                              "model_bytes": sum(t.numel() * t.element_size() for t in tensors)}))
 """
 
 
@@ -67,10 +70,10 @@ def write_random_checkpoint(directory: Path, config: dict, seed: int = 0) -> int
     return (directory / "model.safetensors").stat().st_size
 
 
-def measure(directory: Path) -> dict:
+def measure(directory: Path, quantize: str | None = None) -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-c", _CHILD, str(directory)], capture_output=True, text=True, env=env,
-                          timeout=600, check=False)
+    proc = subprocess.run([sys.executable, "-c", _CHILD, str(directory), quantize or ""], capture_output=True,
+                          text=True, env=env, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))[7:])
     size = (directory / "model.safetensors").stat().st_size
@@ -91,6 +94,9 @@ if __name__ == "__main__":
 
     with tempfile.TemporaryDirectory() as tmp:
         size = write_random_checkpoint(Path(tmp) / "ckpt", _config(int(sys.argv[1]) if len(sys.argv) > 1 else 330))
-        r = measure(Path(tmp) / "ckpt")
-        print(f"{size / 1e6:.1f} MB bf16 checkpoint: peak RSS growth {(r['peak'] - r['base']) / 1e6:.1f} MB = "
-              f"{r['ratio']:.4f}x the file; load {r['load_s']:.2f} s")
+        for quantize in [None, *sys.argv[2:]]:  # e.g. python tests/test_loading_memory.py 330 int8 int4
+            r = measure(Path(tmp) / "ckpt", quantize)
+            print(f"{size / 1e6:.1f} MB bf16 checkpoint, quantize={quantize}: peak RSS growth "
+                  f"{(r['peak'] - r['base']) / 1e6:.1f} MB = {r['ratio']:.4f}x the file, "
+                  f"{(r['peak'] - r['base']) / r['model_bytes']:.4f}x the loaded model ({r['model_bytes'] / 1e6:.1f} "
+                  f"MB); load {r['load_s']:.2f} s")

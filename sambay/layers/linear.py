@@ -79,6 +79,18 @@ class QuantLinear(nn.Module):
         else:
             self.qweight, self.scales, self.mins = quant_ref.quantize_int4(w, self.group_size)
 
+    def _apply(self, fn, recurse=True):
+        """``model.to(dtype)`` / ``.half()`` / ``.float()`` convert the bias but keep the buffers in their format's
+        dtypes (moving them across devices still happens): a cast would cost int8's fp32 scales bits and leave
+        int4's bf16 scales unreadable by the kernels."""
+        formats = {id(b): b for b in self._buffers.values() if b is not None}
+
+        def keep_format(t):
+            out = fn(t)
+            return t.to(out.device) if id(t) in formats and out.dtype != t.dtype else out
+
+        return super()._apply(keep_format, recurse)
+
     def dequantize(self) -> torch.Tensor:
         """The weight the layer computes with: (N, K) fp32."""
         if self.bits == 8:
