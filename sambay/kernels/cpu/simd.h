@@ -48,10 +48,9 @@ inline void load16(const float* p, __m256& a, __m256& b) {
   a = _mm256_loadu_ps(p);
   b = _mm256_loadu_ps(p + 8);
 }
-inline void load16(const int8_t* p, __m256& a, __m256& b) {
-  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  a = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
-  b = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v, 8)));
+inline void load16(const int8_t* p, __m256& a, __m256& b) {  // two 8-byte loads widened in the load (no shift)
+  a = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  b = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8))));
 }
 
 // Between natural order (lo = [0..7], hi = [8..15]) and the permuted one (a = [0..3, 8..11], b = [4..7, 12..15]):
