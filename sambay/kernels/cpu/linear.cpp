@@ -27,24 +27,26 @@ namespace {
 
 using namespace sambay_simd;
 
-constexpr int64_t kRows = 4;  // output rows per inner block: each x vector loaded once serves 4 rows
+// Output rows per inner block: each x vector loaded once serves 8 rows. Measured on a 2-core Zen 3 (bf16, 2560
+// columns): 1.14x the time of an fp32 sum over the same bytes with 8 rows, 1.16-1.26x with 4, 1.23x with 1.
+constexpr int64_t kRows = 8;
 
-// sums[r] = <xv, w row r> over the first k16 columns, for RB consecutive rows (row stride K). Accumulators are
-// locals of this function alone, so they stay in registers (sharing them with a tail loop made GCC spill them).
+// sums[r] = <xv, w row r> over the first k16 columns, for RB consecutive rows (row stride K). One accumulator per
+// row: RB independent chains hide the multiply-add latency. Accumulators are locals of this function alone, so
+// they stay in registers (sharing them with a tail loop made GCC spill them).
 template <typename W, int RB>
 inline void dot_rows(const float* xv, const W* w, int64_t K, int64_t k16, float* sums) {
-  __m256 acc[RB][2];
-  for (int r = 0; r < RB; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  __m256 acc[RB];
+  for (int r = 0; r < RB; ++r) acc[r] = _mm256_setzero_ps();
   for (int64_t k = 0; k < k16; k += 16) {
     const __m256 x0 = _mm256_loadu_ps(xv + k), x1 = _mm256_loadu_ps(xv + k + 8);
     for (int r = 0; r < RB; ++r) {
       __m256 a, b;
       load16(w + r * K + k, a, b);
-      acc[r][0] = _mm256_fmadd_ps(a, x0, acc[r][0]);
-      acc[r][1] = _mm256_fmadd_ps(b, x1, acc[r][1]);
+      acc[r] = _mm256_fmadd_ps(b, x1, _mm256_fmadd_ps(a, x0, acc[r]));
     }
   }
-  for (int r = 0; r < RB; ++r) sums[r] = hsum(_mm256_add_ps(acc[r][0], acc[r][1]));
+  for (int r = 0; r < RB; ++r) sums[r] = hsum(acc[r]);
 }
 
 // out[m, n] = sum_k x[m, k] * w[n, k] * (scale ? scale[n] : 1) for n in [n0, n1). xv (M, k16) is x's first k16
