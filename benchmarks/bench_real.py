@@ -6,7 +6,7 @@ Phi-4-mini-shaped ``transformers.Phi3ForCausalLM`` in bf16, batch 1, each model 
 
 The random-weight checkpoint is built once (``SambaYForCausalLM(config, dtype=torch.bfloat16)``, then
 ``save_pretrained``) into ``<--cache-dir>/<config name>-bf16`` and reused while it is complete and has the same
-config. Then one process per model, one model alive at a time, ``--threads`` torch threads, OMP_WAIT_POLICY=PASSIVE:
+config. Then one process per model, one model alive at a time, ``--threads`` torch threads (on a quiet machine):
 
 - bf16 / int8 / int4: ``SambaYForCausalLM.from_pretrained(dir, dtype=torch.bfloat16[, quantize="int8"|"int4"])``
   (a sambay without ``quantize=`` reports the quantized variants as not available): load time, peak RSS (VmHWM)
@@ -31,25 +31,24 @@ the released size and the sizes they name, NOT AT TARGET SIZE otherwise), and wr
 
 from __future__ import annotations
 
+# OpenMP's wait policy is left as the environment sets it (unset: threads spin briefly at each barrier, then sleep).
+# This benchmark needs the whole machine: on a quiet one, OMP_WAIT_POLICY=PASSIVE made a real-size bf16 decode step
+# 590-790 ms against 430-500 ms (every one of a step's ~1000 parallel ops waits for a sleeping thread to wake);
+# on a busy one, spinning threads stall instead (sambay/bench/command.py). --omp-wait-policy sets it for the workers.
+import argparse
+import inspect
+import json
+import operator
 import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
 
-# OpenMP reads this when torch loads: spin-waiting threads that share cores with other processes stall at every
-# barrier (see sambay/bench/command.py). The workers inherit it. Set it yourself to override.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import argparse  # noqa: E402
-import inspect  # noqa: E402
-import json  # noqa: E402
-import operator  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-import traceback  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import torch  # noqa: E402
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # this checkout's sambay, here and in the workers (PYTHONPATH), not another install
@@ -323,6 +322,8 @@ def run_worker(spec: dict, label: str, tmp: Path, start: float, timeout: float |
     spec_path, result_path = tmp / f"spec-{n}.json", tmp / f"result-{n}.json"
     spec_path.write_text(json.dumps({**spec, "result": str(result_path)}))
     env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"])}
+    if spec.get("omp_wait_policy"):
+        env["OMP_WAIT_POLICY"] = spec["omp_wait_policy"]
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)  # this sambay
     log(f"[{time.perf_counter() - start:6.1f}s] {label} ...")
     t0 = time.perf_counter()
@@ -423,6 +424,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch threads in every worker")
     p.add_argument("--budget-s", type=float, default=900.0, help="the longer prefills are skipped or stopped "
                    "where they would take the run past this many seconds (0: no limit)")
+    p.add_argument("--omp-wait-policy", choices=("PASSIVE", "ACTIVE"), default=None, help="OMP_WAIT_POLICY for the "
+                   "workers (default: the environment's; unset is OpenMP's spin-then-sleep)")
     p.add_argument("--bandwidth-mib", type=int, default=2048, help="the torch.sum buffer of the bandwidth test")
     p.add_argument("--phi3-shape", choices=("auto", "phi4-mini", "same"), default="auto", help="the baseline's "
                    "shape: Phi-4-mini, or the same as the sambay config (auto: phi4-mini for the released config)")
@@ -484,7 +487,7 @@ def measure_all(args, config: dict, results: dict, tmp: Path, start: float) -> N
     """The bandwidth, the checkpoint (built if needed), one worker per model, the longer prefills, the bandwidth."""
     s = results["settings"]
     base = {"threads": s["threads"], "config": config, "phi3_shape": s["phi3_shape"], "seed": 0, "steps": s["steps"],
-            "warmup": s["warmup"], "prefill_chunk": s["prefill_chunk"]}
+            "warmup": s["warmup"], "prefill_chunk": s["prefill_chunk"], "omp_wait_policy": args.omp_wait_policy}
     gated = s["budget_s"] and not s["prefill_chunk"]  # full prefills after the first length: budget-gated
 
     def job(spec: dict, label: str, timeout: float | None = None) -> dict:
