@@ -114,3 +114,25 @@ def test_bf16_decode_step_reads_the_cache_in_place():
     assert not offending, f"K/V-sized copies in a bf16 decode step: {offending[:5]}"
     called = {e.name for e in prof.events()}
     assert "sambay_cpu::diff_decode" in called
+
+
+def test_a_failed_build_warns_once_and_the_twins_run(monkeypatch):
+    """No compiler (or any build error): one RuntimeWarning naming the error, "torch" reported, same results."""
+    import torch.nn.functional as F
+
+    from sambay.kernels import cpu_native, dispatch, ops
+
+    monkeypatch.setattr(cpu_native, "_STATE", {})
+    monkeypatch.setattr(dispatch, "_PROBES", {})
+
+    def no_compiler():
+        raise OSError("c++: command not found")
+
+    monkeypatch.setattr(cpu_native, "_load", no_compiler)
+    with pytest.warns(RuntimeWarning, match="CPU kernels failed to build.*c\\+\\+: command not found"):
+        assert active_backends("cpu")["linear"] == active_backends("cpu")["cpu_decode"] == "torch"
+    x, w = torch.randn(1, 24).bfloat16(), torch.randn(5, 24).bfloat16()
+    torch.testing.assert_close(ops.linear(x, w), F.linear(x.float(), w.float()).bfloat16(), rtol=0, atol=0)
+    q1, q2, k, v = _case(1, 2, 2, 30, 16, torch.float32)
+    out = diff_attend(q1, q2, k, v, None, False, 0.25, torch.tensor(0.3))
+    torch.testing.assert_close(out.double(), _ref(q1, q2, k, v, None, torch.tensor(0.3), 0.25), rtol=1e-5, atol=1e-6)
