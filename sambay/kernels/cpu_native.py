@@ -55,7 +55,8 @@ def probe() -> str | None:
             _load()
         except Exception as e:  # a missing compiler or ninja, a build error: reported, then the twins run
             reason = f"the sambay CPU kernels failed to build ({type(e).__name__}: {str(e).strip()[:500]})"
-            warnings.warn(f"sambay: {reason}; linears use their PyTorch twins", RuntimeWarning, stacklevel=3)
+            warnings.warn(f"sambay: {reason}; linears and decode attention use their PyTorch twins", RuntimeWarning,
+                          stacklevel=3)
     _STATE["reason"] = reason
     return reason
 
@@ -69,7 +70,7 @@ def _load() -> None:
         build = cache_dir() / f"linear-{tag}"
         build.mkdir(parents=True, exist_ok=True)
         if not any(build.glob("*.so")):
-            print("sambay: building the CPU kernels (once; about 20 s)", file=sys.stderr)
+            print("sambay: building the CPU kernels (once; about 30 s)", file=sys.stderr)
         load(name=f"sambay_cpu_{tag}", sources=[str(src) for src in _SOURCES], build_directory=str(build),
              is_python_module=False, extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
              extra_ldflags=["-fopenmp"], verbose=False)

@@ -24,7 +24,7 @@ from typing import NamedTuple
 import torch
 
 from sambay.kernels.diff_decode_ref import check_diff_decode_args, diff_decode_ref
-from sambay.kernels.dispatch import check_backend, use_fast
+from sambay.kernels.dispatch import check_backend, needs_grad, use_fast
 
 __all__ = ["DiffDecodeBytes", "choose_splits", "diff_decode", "diff_decode_bytes", "diff_decode_ref",
            "diff_decode_tiles"]
@@ -54,15 +54,11 @@ def diff_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.
     check_backend(backend)
     check_diff_decode_args(q, k, v, valid, lam)
     no_grad = "an input requires grad and the kernel has no backward (call it under torch.no_grad())"
-    if use_fast("decode", backend, (q, k, v), no_grad if _needs_grad(q, k, v, lam) else None):
+    if use_fast("decode", backend, (q, k, v), no_grad if needs_grad(q, k, v, lam) else None):
         from sambay.kernels.diff_decode_triton import diff_decode_triton
 
         return diff_decode_triton(q, k, v, valid, lam, scale)
     return diff_decode_ref(q, k, v, valid, lam, scale)
-
-
-def _needs_grad(*args) -> bool:
-    return torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
 
 
 # ------------------------------------------------------------------------------------- launch geometry

@@ -13,8 +13,10 @@ Op families and their fast paths (:data:`FAST_PATHS`): ``conv`` causal_conv1d, `
 scan and its Triton decode step), ``attention`` flash_attn, ``gating`` and ``decode`` (differential attention
 of one query token, flash-decoding) sambay's own Triton kernels.
 
-Decided per call from the tensors' device, never from a global that changes math. For CPU tensors the decision
-calls no probe and imports nothing, so ``torch.compile(fullgraph=True)`` sees no graph break from dispatch. For
+Decided per call from the tensors' device, never from a global that changes math. For CPU tensors the GPU
+families call no probe and import nothing; the CPU families (:data:`CPU_FAST_PATHS`) read one cached probe, which
+``active_backends("cpu")`` (called by ``set_backend`` and before compiling) fills by building the kernels. So
+``torch.compile(fullgraph=True)`` sees no graph break from dispatch. For
 CUDA tensors the probes are plain cached values; compute them before tracing (``set_backend`` or
 :func:`active_backends` does) so that a compiled region only reads the cache.
 
@@ -92,6 +94,11 @@ def probe(family: str) -> str | None:
             warnings.warn(f"sambay: {reason}; the {family} ops use their PyTorch twin", RuntimeWarning, stacklevel=2)
     _PROBES[family] = reason
     return reason
+
+
+def needs_grad(*args) -> bool:
+    """Whether autograd would need a backward through these arguments (the fast kernels have none)."""
+    return torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
 
 
 def clear_probes() -> None:

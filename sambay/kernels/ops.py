@@ -16,8 +16,8 @@ import contextlib
 import torch
 
 from sambay.kernels import cuda_adapters, quant_ref, twins
-from sambay.kernels.dispatch import use_fast
-from sambay.kernels.reference import gmu_ref, silu_mul_ref
+from sambay.kernels.dispatch import needs_grad, use_fast
+from sambay.kernels.reference import silu_mul_ref
 
 
 def _device_of(t: torch.Tensor):
@@ -43,9 +43,7 @@ def gmu(x: torch.Tensor, in_proj_weight: torch.Tensor, memory: torch.Tensor, bac
 
         with _device_of(x):
             return gmu_triton(x, in_proj_weight, memory)
-    if x.device.type == "cpu":  # gmu_ref's matmul, through the streaming CPU kernel where it takes the call
-        return silu_mul_ref(linear(x, in_proj_weight, None, backend), memory)
-    return gmu_ref(x, in_proj_weight, memory)
+    return silu_mul_ref(linear(x, in_proj_weight, None, backend), memory)  # gmu_ref, its matmul through linear
 
 
 # ------------------------------------------------------------------------------------------------- conv
@@ -133,7 +131,7 @@ def _cpu_decode_call(q1, k, v, lam) -> str | None:
         return f"q/k/v in {q1.dtype}/{k.dtype}/{v.dtype} (the kernels read bf16, fp16 or fp32)"
     if k.stride(-1) != 1 or v.stride(-1) != 1:
         return "K/V without a unit last stride"
-    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in (q1, k, v, lam)):
+    if needs_grad(q1, k, v, lam):
         return "a gradient is needed (the kernels have no backward)"
     return None
 
@@ -144,17 +142,14 @@ def _cpu_decode_call(q1, k, v, lam) -> str | None:
 _KERNEL_ROWS = 8
 
 
-def _rows(x: torch.Tensor) -> int:
-    return x.numel() // x.shape[-1] if x.shape[-1] else 0
-
-
 def _kernel_call(x: torch.Tensor, *weights: torch.Tensor) -> str | None:
     """Why the CPU linear kernels cannot take this call, or None."""
-    if _rows(x) > _KERNEL_ROWS or _rows(x) == 0:
-        return f"{_rows(x)} rows (the kernels take 1..{_KERNEL_ROWS})"
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if not 1 <= rows <= _KERNEL_ROWS:
+        return f"{rows} rows (the kernels take 1..{_KERNEL_ROWS})"
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return f"activations in {x.dtype}"
-    if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)):
+    if needs_grad(x, *weights):
         return "a gradient is needed (the kernels have no backward)"
     if not all(w.is_contiguous() for w in weights):
         return "a non-contiguous weight"

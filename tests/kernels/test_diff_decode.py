@@ -290,7 +290,7 @@ def test_gradients_take_the_twin(monkeypatch):
     diff_decode(q, k, v, valid, 0.4, 0.3).sum().backward()
     assert q.grad is not None and q.grad.abs().sum() > 0
     with torch.no_grad():
-        assert not dd._needs_grad(q, k, v, 0.4)
+        assert not dd.needs_grad(q, k, v, 0.4)
 
 
 @pytest.mark.parametrize("bad,match", [

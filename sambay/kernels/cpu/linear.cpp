@@ -1,5 +1,5 @@
 // sambay's CPU kernels for decode-sized linears (a few rows of activations against a large weight):
-// y = x W^T with W in bf16, fp16, fp32, int8 (per output channel scale) or int4 (per group scale and minimum).
+// y = x W^T with W in bf16, fp16, int8 (per output channel scale) or int4 (per group scale and minimum).
 //
 // At batch 1 a linear reads every weight byte once per token and does 2 flops per weight, so its speed is the
 // speed at which the weight streams from memory. These kernels convert each weight to fp32 in registers and
@@ -117,10 +117,9 @@ at::Tensor linear_dense(const at::Tensor& x, const at::Tensor& w) {
               "must be a contiguous 2-D CPU tensor, got ", w.sizes());
   check_x(x, w.size(1), "sambay_cpu::linear_dense");
   if (w.scalar_type() == at::kBFloat16) return dense<uint16_t>(x, w, nullptr, 2.0);
-  if (w.scalar_type() == at::kHalf) return dense<f16>(x, w, nullptr, 2.0);
-  TORCH_CHECK(w.scalar_type() == at::kFloat, "sambay_cpu::linear_dense: weight dtype must be bfloat16, float16 "
-              "or float32, got ", w.scalar_type());
-  return dense<float>(x, w, nullptr, 4.0);
+  TORCH_CHECK(w.scalar_type() == at::kHalf, "sambay_cpu::linear_dense: weight dtype must be bfloat16 or float16 "
+              "(fp32 linears are ATen's), got ", w.scalar_type());
+  return dense<f16>(x, w, nullptr, 2.0);
 }
 
 at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales) {
