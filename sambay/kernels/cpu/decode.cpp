@@ -136,16 +136,32 @@ inline void pv_block(const __m256* pb, const T* v, float* out, int64_t E, int64_
 }
 
 // out (MB, E) += p (MB rows of stride S) @ v (S, E), keys in L1-sized tiles.
+//
+// A tile is read column block by column block, so each pass touches one cache line in every row (a stride of
+// E elements) and the hardware prefetchers fetch little ahead of it. The rows of the tile kPrefetchTiles ahead are
+// therefore prefetched in software, spread over the tile's column passes (a burst of them all at once would fill
+// the miss queues). Interleaved runs at 32K keys (bf16, G = 10, R = 2, 1 thread, Zen 3): 112 -> 74 ns a key for the
+// whole kernel, 77 -> 35 ns for this product alone; 1, 2 or 4 tiles ahead were within noise, none ahead the worst.
+constexpr int64_t kPrefetchTiles = 2;
+
 template <typename T, int MB>
 void pv_rows(const float* p, const T* v, float* out, int64_t S, int64_t E, int64_t v_stride) {
   constexpr int64_t kTile = 32;
   alignas(32) __m256 pb[kTile * MB];
-  const int64_t e16 = E - E % 16;
+  const int64_t e16 = E - E % 16, passes = e16 / 16, row_bytes = E * static_cast<int64_t>(sizeof(T));
+  const int64_t rows_per_pass = passes ? (kTile + passes - 1) / passes : kTile;
   for (int64_t t0 = 0; t0 < S; t0 += kTile) {
     const int64_t t1 = std::min(S, t0 + kTile);
     for (int64_t s = t0; s < t1; ++s)
       for (int i = 0; i < MB; ++i) pb[(s - t0) * MB + i] = _mm256_set1_ps(p[i * S + s]);
-    for (int64_t e = 0; e < e16; e += 16) pv_block<T, MB>(pb, v, out, E, t0, t1, e, v_stride);
+    for (int64_t e = 0, c = 0; e < e16; e += 16, ++c) {
+      const int64_t n0 = t0 + kPrefetchTiles * kTile + c * rows_per_pass, n1 = std::min(S, n0 + rows_per_pass);
+      for (int64_t s = n0; s < n1; ++s) {  // prefetches never fault; rows past S are not asked for
+        const char* row = reinterpret_cast<const char*>(v + s * v_stride);
+        for (int64_t b = 0; b < row_bytes; b += 64) _mm_prefetch(row + b, _MM_HINT_T0);
+      }
+      pv_block<T, MB>(pb, v, out, E, t0, t1, e, v_stride);
+    }
     for (int i = 0; i < MB; ++i) {
       for (int64_t e = e16; e < E; ++e) {
         float x = out[i * E + e];
