@@ -31,10 +31,11 @@ the released size and the sizes they name, NOT AT TARGET SIZE otherwise), and wr
 
 from __future__ import annotations
 
-# OpenMP's wait policy is left as the environment sets it (unset: threads spin briefly at each barrier, then sleep).
-# This benchmark needs the whole machine: on a quiet one, OMP_WAIT_POLICY=PASSIVE made a real-size bf16 decode step
-# 590-790 ms against 430-500 ms (every one of a step's ~1000 parallel ops waits for a sleeping thread to wake);
-# on a busy one, spinning threads stall instead (sambay/bench/command.py). --omp-wait-policy sets it for the workers.
+# OpenMP's wait policy in the workers: ACTIVE by default (--omp-wait-policy; "env" leaves the environment's). This
+# benchmark needs the whole machine, and on a quiet one the policy is worth 5-30% of a real-size decode step:
+# OMP_WAIT_POLICY=PASSIVE made a bf16 step 590-790 ms against 430-500 ms unset (every one of a step's ~1000 parallel
+# ops waits for a sleeping thread to wake), and ACTIVE made an int8 step 285-290 ms against 301-313 ms unset (two
+# alternating pairs of runs). On a busy machine spinning threads stall instead (sambay/bench/command.py).
 import argparse
 import inspect
 import json
@@ -424,8 +425,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch threads in every worker")
     p.add_argument("--budget-s", type=float, default=900.0, help="the longer prefills are skipped or stopped "
                    "where they would take the run past this many seconds (0: no limit)")
-    p.add_argument("--omp-wait-policy", choices=("PASSIVE", "ACTIVE"), default=None, help="OMP_WAIT_POLICY for the "
-                   "workers (default: the environment's; unset is OpenMP's spin-then-sleep)")
+    p.add_argument("--omp-wait-policy", choices=("ACTIVE", "PASSIVE", "env"), default="ACTIVE",
+                   help="OMP_WAIT_POLICY for the workers (env: the environment's; unset is OpenMP's spin-then-sleep)")
     p.add_argument("--bandwidth-mib", type=int, default=2048, help="the torch.sum buffer of the bandwidth test")
     p.add_argument("--phi3-shape", choices=("auto", "phi4-mini", "same"), default="auto", help="the baseline's "
                    "shape: Phi-4-mini, or the same as the sambay config (auto: phi4-mini for the released config)")
@@ -459,11 +460,13 @@ def main(argv=None) -> int:
     if name == "config":  # a checkpoint's config.json: name it by its directory
         name = Path(args.config).resolve().parent.name
     phi3_shape = args.phi3_shape if args.phi3_shape != "auto" else ("phi4-mini" if name == RELEASED else "same")
+    worker_policy = (os.environ.get("OMP_WAIT_POLICY") or "unset") if args.omp_wait_policy == "env" \
+        else args.omp_wait_policy
     settings = {"config": name, "released": name == RELEASED, "variants": variants, "contexts": contexts,
                 "prompts": prompts, "prefill_variants": prefill_variants, "steps": args.steps, "warmup": args.warmup,
                 "threads": args.threads, "budget_s": args.budget_s, "bandwidth_mib": args.bandwidth_mib,
-                "prefill_chunk": args.prefill_chunk,
-                "phi3_shape": phi3_shape, "batch": 1}
+                "prefill_chunk": args.prefill_chunk, "phi3_shape": phi3_shape, "batch": 1,
+                "worker_omp_wait_policy": worker_policy}
     torch.set_num_threads(args.threads)  # for the bandwidth measurements, here
     results = {"script": "benchmarks/bench_real.py", "argv": sys.argv[1:] if argv is None else list(argv),
                "environment": machine("cpu", args.threads), "settings": settings, "models": {}, "workers": []}
@@ -487,7 +490,8 @@ def measure_all(args, config: dict, results: dict, tmp: Path, start: float) -> N
     """The bandwidth, the checkpoint (built if needed), one worker per model, the longer prefills, the bandwidth."""
     s = results["settings"]
     base = {"threads": s["threads"], "config": config, "phi3_shape": s["phi3_shape"], "seed": 0, "steps": s["steps"],
-            "warmup": s["warmup"], "prefill_chunk": s["prefill_chunk"], "omp_wait_policy": args.omp_wait_policy}
+            "warmup": s["warmup"], "prefill_chunk": s["prefill_chunk"],
+            "omp_wait_policy": None if args.omp_wait_policy == "env" else args.omp_wait_policy}
     gated = s["budget_s"] and not s["prefill_chunk"]  # full prefills after the first length: budget-gated
 
     def job(spec: dict, label: str, timeout: float | None = None) -> dict:
@@ -694,7 +698,8 @@ def report(results: dict) -> str:
     s, env, bw = results["settings"], results.get("environment", {}), results["bandwidth"]
     cols = [v for v in s["variants"]]
     models = results["models"]
-    lines = [f"bench_real: {s['config']}, batch 1, {s['threads']} threads; {env.get('cpu')} ({env.get('cpu_count')} "
+    lines = [f"bench_real: {s['config']}, batch 1, {s['threads']} threads (workers' OMP_WAIT_POLICY "
+             f"{s.get('worker_omp_wait_policy')}); {env.get('cpu')} ({env.get('cpu_count')} "
              f"CPUs); torch {env.get('torch')}, transformers {env.get('transformers')}; load average "
              f"{env.get('loadavg_start')} -> {env.get('loadavg_end')}",
              "read bandwidth: torch.sum fp32 " + ", ".join(f"{x:.1f}" for x in bw["sum_fp32_gb_per_s"])

@@ -50,6 +50,7 @@ def test_bench_real_end_to_end_on_the_tiny_config(tmp_path, bench_real):
     env = r["environment"]
     assert {"cpu", "cpu_count", "threads", "torch", "transformers", "omp_wait_policy", "loadavg_end"} <= env.keys()
     assert r["environment"]["threads"] == 1 and r["environment"]["omp_wait_policy"] == "PASSIVE"
+    assert r["settings"]["worker_omp_wait_policy"] == "ACTIVE"  # the workers' default (--omp-wait-policy)
     assert r["settings"]["config"] == "sambay-tiny" and not r["settings"]["released"]
     assert r["settings"]["contexts"] == [8, 16] and r["settings"]["prompts"] == [8, 16]
     assert r["checkpoint"]["built"] and r["checkpoint"]["status"] == "ok" and r["checkpoint"]["file_bytes"] > 0
