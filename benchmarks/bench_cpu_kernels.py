@@ -1,0 +1,140 @@
+"""sambay's CPU decode kernels at a config's shapes: every linear of one decoded token in bf16, int8 and int4, and
+the decode attention over the shared K/V, against the read bandwidth measured in the same run.
+
+    python benchmarks/bench_cpu_kernels.py                          # the released config (~1.5 GB of buffers)
+    python benchmarks/bench_cpu_kernels.py --config configs/sambay-tiny.json --context 64   # a smoke run
+
+The linears' shapes come from the model itself, built on the meta device (no weights): each distinct (N, K) is
+timed on random weights with one activation row, the call cycling over enough copies of the weight (``--cycle-mib``)
+that none is in cache, as in a decode step where each linear's weight was last read a whole token ago. The median
+call time times the number of linears of that shape sums to the linears' share of one token. The decode attention
+is timed at ``--context`` keys with the shared K/V's shape. The read bandwidth is the median of ``torch.sum`` over
+a ``--bandwidth-mib`` fp32 buffer, at the start and at the end; the floors use the higher (as ``bench_real.py``).
+Prints GB/s per shape and each format's total as a ratio to its bytes over the bandwidth: near 1, the kernel
+streams at the memory's speed; above it, arithmetic or access patterns bound it. Run it on a quiet machine
+(``--threads``, default 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from sambay import SambaYConfig, SambaYForCausalLM  # noqa: E402
+from sambay.bench import load_config  # noqa: E402
+from sambay.kernels import cpu_native, quant_ref  # noqa: E402
+from sambay.layers.linear import Linear  # noqa: E402
+
+
+def median_seconds(fn, repeats: int) -> float:
+    fn()
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples)
+
+
+def read_bandwidth(mib: int) -> float:
+    """GB/s of the median of 5 ``torch.sum`` over a ``mib`` MiB fp32 buffer."""
+    buf = torch.ones(mib * 2**20 // 4)
+    return buf.numel() * 4 / median_seconds(buf.sum, 5) / 1e9
+
+
+def linear_shapes(config: SambaYConfig) -> collections.Counter:
+    """(N, K) -> how many linears of one decode step have that weight shape (the LM head included)."""
+    model = SambaYForCausalLM(config, device="meta", dtype=torch.bfloat16)
+    return collections.Counter(tuple(m.weight.shape) for m in model.modules() if isinstance(m, Linear))
+
+
+def time_shape(n: int, k: int, group_size: int, cycle_bytes: int, repeats: int) -> dict:
+    """Seconds per call of each kernel for one (N, K) weight, cycling over copies of it."""
+    ops = torch.ops.sambay_cpu
+    x = torch.randn(1, k)
+    copies = max(2, cycle_bytes // (n * k))  # counted in int8 bytes: the bf16 and int4 sets cycle as many copies
+    w = [torch.randn(n, k, dtype=torch.bfloat16) for _ in range(copies)]
+    q8 = [quant_ref.quantize_int8(t.float()) for t in w]
+    grouped = k % group_size == 0  # as sambay.quant: a linear the group size does not divide stays dense
+    q4 = [quant_ref.quantize_int4(t.float(), group_size) for t in w] if grouped else None
+    i = [0]
+
+    def cycled(call):
+        def run():
+            i[0] = (i[0] + 1) % copies
+            return call(i[0])
+        return run
+
+    bf16 = median_seconds(cycled(lambda j: ops.linear_dense(x, w[j])), repeats)
+    int4 = median_seconds(cycled(lambda j: ops.linear_int4(x, *q4[j], group_size)), repeats) if grouped else bf16
+    return {"bf16": bf16, "int8": median_seconds(cycled(lambda j: ops.linear_int8(x, *q8[j])), repeats), "int4": int4,
+            "bytes": {"bf16": 2 * n * k, "int8": n * k, "int4": n * k // 2 if grouped else 2 * n * k}}
+
+
+def time_decode(config: SambaYConfig, context: int, repeats: int) -> tuple[float, int]:
+    """Seconds per call of the decode attention over a (1, 2, G, S, D) / (1, G, S, 2D) bf16 K/V, and its bytes."""
+    d, groups = config.head_dim, config.num_key_value_heads // 2  # diff attention: kv pairs of two key stripes
+    k = torch.randn(1, 2, groups, context, d, dtype=torch.bfloat16)
+    v = torch.randn(1, groups, context, 2 * d, dtype=torch.bfloat16)
+    rows = config.num_attention_heads // 2 // groups
+    q = torch.randn(1, groups, 2, rows, d)
+    lam, valid = torch.tensor([0.3]), torch.empty(0, dtype=torch.bool)
+    s = median_seconds(lambda: torch.ops.sambay_cpu.diff_decode(q, k, v, valid, lam, d**-0.5), repeats)
+    return s, (k.numel() + v.numel()) * 2
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default="phi4-mini-flash-reasoning", help="a shipped config name or config.json path")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--group-size", type=int, default=128,
+                   help="int4 group size (a linear it does not divide stays bf16, as in the model)")
+    p.add_argument("--context", type=int, default=32768, help="keys of the decode attention")
+    p.add_argument("--cycle-mib", type=int, default=64, help="the int8 bytes each shape's weight copies cover")
+    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--bandwidth-mib", type=int, default=2048)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    reason = cpu_native.probe()
+    if reason is not None:
+        print(f"bench_cpu_kernels: the CPU kernels are not available: {reason}")
+        return 1
+    config = SambaYConfig.from_dict(load_config(args.config))
+    start = read_bandwidth(args.bandwidth_mib)
+    print(f"bench_cpu_kernels: {args.config}, {args.threads} threads; read bandwidth (torch.sum fp32) at the start "
+          f"{start:.1f} GB/s")
+    totals = {f: 0.0 for f in ("bf16", "int8", "int4")}
+    total_bytes = dict.fromkeys(totals, 0)
+    for (n, k), count in sorted(linear_shapes(config).items(), key=lambda t: -t[0][0] * t[0][1] * t[1]):
+        r = time_shape(n, k, args.group_size, args.cycle_mib * 2**20, args.repeats)
+        cells = []
+        for f in totals:
+            totals[f] += r[f] * count
+            total_bytes[f] += r["bytes"][f] * count
+            cells.append(f"{f} {1e6 * r[f]:8.0f} us {r['bytes'][f] / r[f] / 1e9:5.1f} GB/s")
+        print(f"  ({n:6d}, {k:5d}) x{count:3d}: " + " | ".join(cells))
+    end = read_bandwidth(args.bandwidth_mib)
+    bandwidth = max(start, end)
+    print(f"the linears of one token (floors at the higher of the read bandwidths, {start:.1f} and {end:.1f} GB/s):")
+    for f, s in totals.items():
+        floor = total_bytes[f] / (bandwidth * 1e9)
+        print(f"  {f}: {1e3 * s:7.1f} ms for {total_bytes[f] / 1e9:.3f} GB; floor {1e3 * floor:6.1f} ms; "
+              f"{s / floor:.2f}x the floor")
+    s, nbytes = time_decode(config, args.context, max(3, args.repeats // 3))
+    print(f"decode attention at {args.context} keys: {1e3 * s:.2f} ms a layer for {nbytes / 1e6:.0f} MB, "
+          f"{nbytes / s / 1e9:.1f} GB/s ({nbytes / s / 1e9 / bandwidth:.2f} of the read bandwidth)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
