@@ -7,9 +7,10 @@ the decode attention over the shared K/V, against the read bandwidth measured in
 The linears' shapes come from the model itself, built on the meta device (no weights): each distinct (N, K) is
 timed on random weights with one activation row, the call cycling over enough copies of the weight (``--cycle-mib``)
 that none is in cache, as in a decode step where each linear's weight was last read a whole token ago. The median
-call time times the number of linears of that shape sums to the linears' share of one token. The decode attention
-is timed at ``--context`` keys with the shared K/V's shape. The read bandwidth is the median of ``torch.sum`` over
-a ``--bandwidth-mib`` fp32 buffer, at the start and at the end; the floors use the higher (as ``bench_real.py``).
+call time (the formats interleaved) times the number of linears of that shape sums to the linears' share of one
+token. The decode attention is timed at ``--context`` keys with the shared K/V's shape. The read bandwidth is
+``bench_real.sum_bandwidth`` (``torch.sum`` over a ``--bandwidth-mib`` fp32 buffer) at the start and at the end;
+the floors use the higher, as in ``bench_real.py``.
 Prints GB/s per shape and each format's total as a ratio to its bytes over the bandwidth: near 1, the kernel
 streams at the memory's speed; above it, arithmetic or access patterns bound it. Run it on a quiet machine
 (``--threads``, default 2).
@@ -19,9 +20,8 @@ from __future__ import annotations
 
 import argparse
 import collections
-import statistics
+import itertools
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -30,26 +30,13 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench_real import sum_bandwidth  # noqa: E402  (this directory is on sys.path when run as a script)
+
 from sambay import SambaYConfig, SambaYForCausalLM  # noqa: E402
 from sambay.bench import load_config  # noqa: E402
+from sambay.bench.timing import interleaved, median  # noqa: E402
 from sambay.kernels import cpu_native, quant_ref  # noqa: E402
 from sambay.layers.linear import Linear  # noqa: E402
-
-
-def median_seconds(fn, repeats: int) -> float:
-    fn()
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples)
-
-
-def read_bandwidth(mib: int) -> float:
-    """GB/s of the median of 5 ``torch.sum`` over a ``mib`` MiB fp32 buffer."""
-    buf = torch.ones(mib * 2**20 // 4)
-    return buf.numel() * 4 / median_seconds(buf.sum, 5) / 1e9
 
 
 def linear_shapes(config: SambaYConfig) -> collections.Counter:
@@ -59,7 +46,8 @@ def linear_shapes(config: SambaYConfig) -> collections.Counter:
 
 
 def time_shape(n: int, k: int, group_size: int, cycle_bytes: int, repeats: int) -> dict:
-    """Seconds per call of each kernel for one (N, K) weight, cycling over copies of it."""
+    """Median seconds per call of each kernel for one (N, K) weight, cycling over copies of it, the formats
+    interleaved."""
     ops = torch.ops.sambay_cpu
     x = torch.randn(1, k)
     copies = max(2, cycle_bytes // (n * k))  # counted in int8 bytes: the bf16 and int4 sets cycle as many copies
@@ -67,18 +55,17 @@ def time_shape(n: int, k: int, group_size: int, cycle_bytes: int, repeats: int) 
     q8 = [quant_ref.quantize_int8(t.float()) for t in w]
     grouped = k % group_size == 0  # as sambay.quant: a linear the group size does not divide stays dense
     q4 = [quant_ref.quantize_int4(t.float(), group_size) for t in w] if grouped else None
-    i = [0]
 
-    def cycled(call):
-        def run():
-            i[0] = (i[0] + 1) % copies
-            return call(i[0])
-        return run
+    def cycled(call):  # each call reads the next copy
+        order = itertools.cycle(range(copies))
+        return lambda: call(next(order))
 
-    bf16 = median_seconds(cycled(lambda j: ops.linear_dense(x, w[j])), repeats)
-    int4 = median_seconds(cycled(lambda j: ops.linear_int4(x, *q4[j], group_size)), repeats) if grouped else bf16
-    return {"bf16": bf16, "int8": median_seconds(cycled(lambda j: ops.linear_int8(x, *q8[j])), repeats), "int4": int4,
-            "bytes": {"bf16": 2 * n * k, "int8": n * k, "int4": n * k // 2 if grouped else 2 * n * k}}
+    fns = {"bf16": cycled(lambda j: ops.linear_dense(x, w[j])), "int8": cycled(lambda j: ops.linear_int8(x, *q8[j]))}
+    if grouped:
+        fns["int4"] = cycled(lambda j: ops.linear_int4(x, *q4[j], group_size))
+    seconds = {f: median(samples) for f, samples in interleaved(fns, repeats).items()}
+    seconds.setdefault("int4", seconds["bf16"])  # the dense linear is what the int4 model runs there
+    return {**seconds, "bytes": {"bf16": 2 * n * k, "int8": n * k, "int4": n * k // 2 if grouped else 2 * n * k}}
 
 
 def time_decode(config: SambaYConfig, context: int, repeats: int) -> tuple[float, int]:
@@ -89,8 +76,8 @@ def time_decode(config: SambaYConfig, context: int, repeats: int) -> tuple[float
     rows = config.num_attention_heads // 2 // groups
     q = torch.randn(1, groups, 2, rows, d)
     lam, valid = torch.tensor([0.3]), torch.empty(0, dtype=torch.bool)
-    s = median_seconds(lambda: torch.ops.sambay_cpu.diff_decode(q, k, v, valid, lam, d**-0.5), repeats)
-    return s, (k.numel() + v.numel()) * 2
+    call = {"attention": lambda: torch.ops.sambay_cpu.diff_decode(q, k, v, valid, lam, d**-0.5)}
+    return median(interleaved(call, repeats)["attention"]), (k.numel() + v.numel()) * 2
 
 
 def main(argv=None) -> int:
@@ -110,7 +97,7 @@ def main(argv=None) -> int:
         print(f"bench_cpu_kernels: the CPU kernels are not available: {reason}")
         return 1
     config = SambaYConfig.from_dict(load_config(args.config))
-    start = read_bandwidth(args.bandwidth_mib)
+    start = sum_bandwidth(args.bandwidth_mib)["gb_per_s"]
     print(f"bench_cpu_kernels: {args.config}, {args.threads} threads; read bandwidth (torch.sum fp32) at the start "
           f"{start:.1f} GB/s")
     totals = {f: 0.0 for f in ("bf16", "int8", "int4")}
@@ -123,7 +110,7 @@ def main(argv=None) -> int:
             total_bytes[f] += r["bytes"][f] * count
             cells.append(f"{f} {1e6 * r[f]:8.0f} us {r['bytes'][f] / r[f] / 1e9:5.1f} GB/s")
         print(f"  ({n:6d}, {k:5d}) x{count:3d}: " + " | ".join(cells))
-    end = read_bandwidth(args.bandwidth_mib)
+    end = sum_bandwidth(args.bandwidth_mib)["gb_per_s"]
     bandwidth = max(start, end)
     print(f"the linears of one token (floors at the higher of the read bandwidths, {start:.1f} and {end:.1f} GB/s):")
     for f, s in totals.items():

@@ -82,10 +82,11 @@ def bandwidth(mib: int, repeats: int = 5) -> dict:
     """Read bandwidth: the median of ``repeats`` ``torch.sum`` over a ``mib`` MiB fp32 buffer, and (a second
     method) a bf16 matrix-vector product over a ``mib / 2`` MiB weight matrix, as a decode step's matmuls do.
     One buffer at a time."""
-    return {"sum_fp32": _sum_bandwidth(mib, repeats), "gemv_bf16": _gemv_bandwidth(mib // 2, repeats)}
+    return {"sum_fp32": sum_bandwidth(mib, repeats), "gemv_bf16": _gemv_bandwidth(mib // 2, repeats)}
 
 
-def _sum_bandwidth(mib: int, repeats: int) -> dict:
+def sum_bandwidth(mib: int, repeats: int = 5) -> dict:
+    """The median of ``repeats`` ``torch.sum`` over a ``mib`` MiB fp32 buffer (also used by bench_cpu_kernels.py)."""
     buf = torch.ones(mib * 2**20 // 4)
     buf.sum()
     return _timed(lambda: buf.sum(), buf.numel() * 4, repeats)
