@@ -35,7 +35,8 @@ from bench_real import sum_bandwidth  # noqa: E402  (this directory is on sys.pa
 from sambay import SambaYConfig, SambaYForCausalLM  # noqa: E402
 from sambay.bench import load_config  # noqa: E402
 from sambay.bench.timing import interleaved, median  # noqa: E402
-from sambay.kernels import cpu_native, quant_ref  # noqa: E402
+from sambay.kernels.dispatch import cpu_probe  # noqa: E402
+from sambay.kernels.linear import ref as quant_ref  # noqa: E402
 from sambay.layers.linear import Linear  # noqa: E402
 
 
@@ -92,7 +93,7 @@ def main(argv=None) -> int:
     p.add_argument("--bandwidth-mib", type=int, default=2048)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    reason = cpu_native.probe()
+    reason = cpu_probe()
     if reason is not None:
         print(f"bench_cpu_kernels: the CPU kernels are not available: {reason}")
         return 1

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a chec
 
 from sambay.kernels import has_triton
 from sambay.kernels.diff_decode import diff_decode, diff_decode_bytes
-from sambay.kernels.diff_decode_ref import diff_decode_ref
+from sambay.kernels.diff_decode.ref import diff_decode_ref
 
 HQ, G, D = 40, 10, 64
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

@@ -24,7 +24,7 @@ from sambay import quant
 from sambay.cache import KeyColumns, SambaYCache
 from sambay.config import SambaYConfig
 from sambay.generation import SambaYGenerationMixin
-from sambay.kernels.reference import f32
+from sambay.kernels.common import f32
 from sambay.layers import GMU, MLP, Attention, AttnCall, CrossAttention, DiffAttentionCore, Mamba
 from sambay.layers.linear import Linear
 from sambay.lm import CausalLMMixin, CausalLMOutput, causal_lm_loss, read_generation_config

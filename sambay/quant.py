@@ -1,5 +1,5 @@
 """Weight-only quantization of a SambaY model: which linears, the ``quantization_config`` of config.json, and the
-in-place conversion (formats in :mod:`sambay.kernels.quant_ref`, the layer in :mod:`sambay.layers.linear`).
+in-place conversion (formats in :mod:`sambay.kernels.linear.ref`, the layer in :mod:`sambay.layers.linear`).
 
     "int8": per output channel, symmetric;   "int4": groups of ``group_size`` input columns (32/64/128/256), asymmetric.
 
@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sambay.kernels.quant_ref import INT4_GROUP_SIZES
+from sambay.kernels.linear.ref import INT4_GROUP_SIZES
 from sambay.layers.linear import Linear, QuantLinear
 
 __all__ = ["DEFAULT_GROUP_SIZE", "FORMAT_VERSION", "QUANT_METHOD", "WEIGHTS", "QuantizationConfig", "describe",

@@ -20,7 +20,9 @@ from test_loading_memory import _config, measure, write_random_checkpoint
 from test_model import _run_with_taps
 
 from sambay import SambaYForCausalLM
-from sambay.kernels import active_backends, ops, quant_ref
+from sambay.kernels import active_backends
+from sambay.kernels import linear as ops
+from sambay.kernels.linear import ref as quant_ref
 from sambay.layers import Linear, QuantLinear
 from sambay.loading import CheckpointError
 from sambay.quant import QuantizationConfig

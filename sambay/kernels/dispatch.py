@@ -6,12 +6,14 @@ Vocabulary (:data:`BACKENDS`, the same for every op, layer and ``model.set_backe
   layout) and its package imports; the plain-PyTorch twin otherwise. Never a silent downgrade of a broken
   install: a package that is installed but fails to import is reported once (a ``RuntimeWarning`` naming it
   and the error), then the twin runs.
-- ``"torch"``: always the twin (:mod:`sambay.kernels.twins`).
+- ``"torch"``: always the twin (each op folder's ``twin.py``, or its ``ref.py`` where that is fast enough).
 - ``"cuda"``: insist on the fast path; raise ``RuntimeError`` saying why it cannot run.
 
-Op families and their fast paths (:data:`FAST_PATHS`): ``conv`` causal_conv1d, ``scan`` mamba_ssm (the chunk
-scan and its Triton decode step), ``attention`` flash_attn, ``gating`` and ``decode`` (differential attention
-of one query token, flash-decoding) sambay's own Triton kernels.
+Op families, one per op folder, and their fast paths: on CUDA (:data:`FAST_PATHS`) ``conv`` causal_conv1d,
+``scan`` mamba_ssm (the chunk scan and its Triton decode step), ``attention`` flash_attn, ``gating`` and
+``diff_decode`` (differential attention of one query token, flash-decoding) sambay's own Triton kernels; on CPU
+(:data:`CPU_FAST_PATHS`) ``linear`` and ``diff_decode`` sambay's C++ kernels. :func:`fast_path` says which path
+takes a call; every probe result lives in one cache (``_PROBES``).
 
 Decided per call from the tensors' device, never from a global that changes math. For CPU tensors the GPU
 families call no probe and import nothing; the CPU families (:data:`CPU_FAST_PATHS`) read one cached probe, which
@@ -32,6 +34,7 @@ import importlib
 import importlib.util
 import os
 import warnings
+from collections.abc import Callable
 
 import torch
 
@@ -44,14 +47,15 @@ FAST_PATHS = {
                                         "mamba_ssm.ops.triton.selective_state_update")),
     "attention": ("flash_attn", "flash_attn", ("flash_attn.flash_attn_interface",)),
     "gating": ("triton", "triton", ("triton", "triton.language")),
-    "decode": ("triton", "triton", ("triton", "triton.language")),
+    "diff_decode": ("triton", "triton", ("triton", "triton.language")),
 }
-_TRITON_FAMILIES = ("gating", "decode")  # sambay's own Triton kernels: runnable on CPU under the interpreter
-# Families whose fast path runs on CPU tensors: sambay's compiled CPU kernels (sambay.kernels.cpu_native), built
-# on first use. "auto" takes them for CPU tensors; "cuda" (insisting on a GPU fast path) has none to insist on.
-CPU_FAST_PATHS = {"linear": "sambay_cpu", "cpu_decode": "sambay_cpu"}
+_TRITON_FAMILIES = ("gating", "diff_decode")  # sambay's own Triton kernels: runnable on CPU under the interpreter
+# Families with a fast path on CPU tensors: sambay's compiled CPU kernels (sambay.kernels.cpu_native), built on
+# first use. "auto" takes them for CPU tensors; "cuda" (insisting on a GPU fast path) cannot insist on them.
+CPU_FAST_PATHS = {"linear": "sambay_cpu", "diff_decode": "sambay_cpu"}
+_CPU_BUILD = "sambay_cpu"  # the key of the CPU kernels' build in _PROBES (one build for every CPU family)
 
-# family -> None (available) or the reason it is not; filled by probe(), read as a plain dict lookup.
+# family (or _CPU_BUILD) -> None (available) or the reason it is not; filled by the probes, read as a dict lookup.
 _PROBES: dict[str, str | None] = {}
 
 
@@ -106,55 +110,70 @@ def clear_probes() -> None:
     _PROBES.clear()
 
 
-def use_fast(family: str, backend: str, tensors: tuple[torch.Tensor, ...], unsupported: str | None = None) -> bool:
-    """Whether this call takes the family's fast path.
+def use_fast(family: str, backend: str, tensors: tuple[torch.Tensor, ...],
+             unsupported: str | Callable[[str], str | None] | None = None) -> bool:
+    """Whether this call takes one of the family's fast paths (see :func:`fast_path`)."""
+    return fast_path(family, backend, tensors, unsupported) is not None
+
+
+def fast_path(family: str, backend: str, tensors: tuple[torch.Tensor, ...],
+              unsupported: str | Callable[[str], str | None] | None = None) -> str | None:
+    """Which of the family's fast paths takes this call: ``"cuda"`` (the GPU path of :data:`FAST_PATHS`, a Triton
+    kernel also under the interpreter), ``"cpu"`` (sambay's C++ kernels) or None (the twin).
 
     Args:
-        family: a key of :data:`FAST_PATHS`.
+        family: an op family (a key of :data:`FAST_PATHS` and/or :data:`CPU_FAST_PATHS`).
         backend: one of :data:`BACKENDS`.
         tensors: the call's tensors (their device decides).
-        unsupported: why the fast path cannot take this call (dtype, layout, ...), or None if it can.
+        unsupported: why the fast path cannot take this call (dtype, layout, ...), or None if it can; a callable
+            is asked with the path (``"cuda"`` or ``"cpu"``) once the device has chosen it.
     Raises:
-        ValueError for an unknown backend; RuntimeError when ``backend="cuda"`` and the fast path cannot run.
+        ValueError for an unknown backend; RuntimeError when ``backend="cuda"`` and no fast path can run.
     """
     check_backend(backend)
     if backend == "torch":
-        return False
-    if family in CPU_FAST_PATHS:
-        return _use_cpu(family, backend, tensors, unsupported)
-    cuda = on_cuda(*tensors)
+        return None
+    reason = (lambda path: unsupported(path)) if callable(unsupported) else (lambda path: unsupported)
+    if family in FAST_PATHS and (on_cuda(*tensors) or (backend == "cuda" and family in _TRITON_FAMILIES
+                                                        and triton_interpreter())):
+        return "cuda" if _use_gpu(family, backend, tensors, reason) else None
+    if family in CPU_FAST_PATHS and (backend == "auto" or family not in FAST_PATHS):
+        return "cpu" if _use_cpu(family, backend, tensors, reason) else None
     if backend == "auto":
-        # CPU tensors: decided here, before any probe or import (compile-safe).
-        return cuda and unsupported is None and probe(family) is None
+        return None  # CPU tensors: decided here, before any probe or import (compile-safe)
+    devices = sorted({str(t.device) for t in tensors})
+    hint = " (or TRITON_INTERPRET=1 set before triton is imported)" if family in _TRITON_FAMILIES else ""
+    raise RuntimeError(f"backend='cuda' needs CUDA tensors{hint} for the {family} fast path "
+                       f"({FAST_PATHS[family][0]}), got tensors on {devices}")
+
+
+def _use_gpu(family: str, backend: str, tensors: tuple[torch.Tensor, ...], reason) -> bool:
+    if backend == "auto":
+        return reason("cuda") is None and probe(family) is None
     # backend == "cuda": the caller insists; say exactly why it cannot run.
-    interpreted = family in _TRITON_FAMILIES and triton_interpreter()
-    if not (cuda or interpreted):
-        devices = sorted({str(t.device) for t in tensors})
-        hint = " (or TRITON_INTERPRET=1 set before triton is imported)" if family in _TRITON_FAMILIES else ""
-        raise RuntimeError(f"backend='cuda' needs CUDA tensors{hint} for the {family} fast path "
-                           f"({FAST_PATHS[family][0]}), got tensors on {devices}")
-    reason = probe(family)
-    if reason is not None:
+    missing = probe(family)
+    if missing is not None:
         extra = "install the 'triton' extra" if family in _TRITON_FAMILIES else "pip install 'sambay[cuda]'"
-        raise RuntimeError(f"backend='cuda' needs {FAST_PATHS[family][0]} for the {family} ops: {reason}; "
+        raise RuntimeError(f"backend='cuda' needs {FAST_PATHS[family][0]} for the {family} ops: {missing}; "
                            f"{extra} or use backend='torch'")
-    if unsupported is not None:
-        raise RuntimeError(f"backend='cuda': {FAST_PATHS[family][0]} cannot take this {family} call: {unsupported}")
+    why = reason("cuda")
+    if why is not None:
+        raise RuntimeError(f"backend='cuda': {FAST_PATHS[family][0]} cannot take this {family} call: {why}")
     return True
 
 
-def _use_cpu(family: str, backend: str, tensors: tuple[torch.Tensor, ...], unsupported: str | None) -> bool:
+def _use_cpu(family: str, backend: str, tensors: tuple[torch.Tensor, ...], reason) -> bool:
     if backend == "cuda":
-        # On CUDA the linears are ATen's (cuBLAS; quantized weights: the dequantize-matmul twin). CPU tensors
-        # under "cuda" are refused like every other family's.
+        # CUDA tensors of a family without a GPU path (the linears: ATen's cuBLAS; quantized weights: the
+        # dequantize-matmul twin) take the twin. CPU tensors under "cuda" are refused like every other family's.
         if not on_cuda(*tensors):
             devices = sorted({str(t.device) for t in tensors})
             raise RuntimeError(f"backend='cuda' needs CUDA tensors, got tensors on {devices} (the {family} ops' "
                                f"CPU kernels run under backend='auto')")
         return False
-    if unsupported is not None or any(t.device.type != "cpu" for t in tensors):
+    if any(t.device.type != "cpu" for t in tensors) or reason("cpu") is not None:
         return False
-    if torch.compiler.is_compiling() and "cpu" not in _PROBES:
+    if torch.compiler.is_compiling() and _CPU_BUILD not in _PROBES:
         # not probed before tracing: a build inside the traced region is not possible; the twin is traced
         return False
     return cpu_probe() is None
@@ -162,11 +181,11 @@ def _use_cpu(family: str, backend: str, tensors: tuple[torch.Tensor, ...], unsup
 
 def cpu_probe() -> str | None:
     """None when sambay's compiled CPU kernels are loaded (built on first call), else why not. Cached."""
-    if "cpu" not in _PROBES:
+    if _CPU_BUILD not in _PROBES:
         from sambay.kernels import cpu_native
 
-        _PROBES["cpu"] = cpu_native.probe()
-    return _PROBES["cpu"]
+        _PROBES[_CPU_BUILD] = cpu_native.build()
+    return _PROBES[_CPU_BUILD]
 
 
 def active_backends(device: torch.device | str) -> dict[str, str]:
@@ -183,4 +202,4 @@ def active_backends(device: torch.device | str) -> dict[str, str]:
             found.update({f: name if cpu_probe() is None else "torch" for f, name in CPU_FAST_PATHS.items()})
         return found
     found = {family: FAST_PATHS[family][0] if probe(family) is None else "torch" for family in FAST_PATHS}
-    return found | {family: "torch" for family in CPU_FAST_PATHS}
+    return found | {family: "torch" for family in CPU_FAST_PATHS if family not in FAST_PATHS}

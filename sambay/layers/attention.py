@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from sambay.kernels.ops import diff_attend
-from sambay.kernels.reference import f32
+from sambay.kernels.attention import diff_attend
+from sambay.kernels.common import f32
 from sambay.layers.linear import Linear
 
 

@@ -2,8 +2,8 @@
 
 ``Linear`` is ``nn.Linear`` (same parameters, keys, init, and exactly ``F.linear``'s math) whose forward goes
 through :func:`sambay.kernels.linear`, so decode-sized calls on CPU stream the weight once (see
-:mod:`sambay.kernels.cpu_native`). ``QuantLinear`` holds an int8 or int4 weight (formats in
-:mod:`sambay.kernels.quant_ref`) and computes ``x @ dequantize(W)^T + bias`` with fp32 accumulation; it is made by
+:mod:`sambay.kernels.linear`). ``QuantLinear`` holds an int8 or int4 weight (formats in
+:mod:`sambay.kernels.linear.ref`) and computes ``x @ dequantize(W)^T + bias`` with fp32 accumulation; it is made by
 :mod:`sambay.quant` (``model.quantize(...)`` or ``from_pretrained(..., quantize=...)``), not trained.
 
 Both have ``matmul(x)``, the product without the bias (Mamba adds dt_proj's bias in fp32 inside the scan).
@@ -14,24 +14,25 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sambay.kernels import ops, quant_ref
+from sambay.kernels.linear import linear, linear_int4, linear_int8
+from sambay.kernels.linear import ref as quant_ref
 
 
 class Linear(nn.Linear):
     backend = "auto"  # one of sambay.kernels.BACKENDS (set per instance by model.set_backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.linear(x, self.weight, self.bias, self.backend)
+        return linear(x, self.weight, self.bias, self.backend)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.linear(x, self.weight, None, self.backend)
+        return linear(x, self.weight, None, self.backend)
 
 
 class QuantLinear(nn.Module):
     """A weight-only quantized linear: int8 per output channel, or int4 per group of ``group_size`` columns.
 
     Buffers (the state-dict entries ``<name>.qweight``, ``<name>.scales`` and, for int4, ``<name>.mins``) as in
-    :mod:`sambay.kernels.quant_ref`; ``bias`` (N,) keeps its dtype. Outputs are in ``dtype`` (the model's).
+    :mod:`sambay.kernels.linear.ref`; ``bias`` (N,) keeps its dtype. Outputs are in ``dtype`` (the model's).
     """
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int | None = None,
@@ -105,8 +106,8 @@ class QuantLinear(nn.Module):
 
     def _apply_to(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.bits == 8:
-            return ops.linear_int8(x, self.qweight, self.scales, bias, self.backend)
-        return ops.linear_int4(x, self.qweight, self.scales, self.mins, self.group_size, bias, self.backend)
+            return linear_int8(x, self.qweight, self.scales, bias, self.backend)
+        return linear_int4(x, self.qweight, self.scales, self.mins, self.group_size, bias, self.backend)
 
     def extra_repr(self) -> str:
         g = f", group_size={self.group_size}" if self.bits == 4 else ""

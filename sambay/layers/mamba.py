@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sambay.kernels import causal_conv1d, causal_conv1d_step, selective_scan, selective_step, silu_mul
-from sambay.kernels.reference import f32
+from sambay.kernels.common import f32
 from sambay.layers.linear import PLAIN_LINEARS, Linear
 
 

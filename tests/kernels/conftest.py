@@ -3,16 +3,16 @@
 Triton's CPU interpreter
 ------------------------
 Without a GPU the kernels run under Triton's interpreter, which ``TRITON_INTERPRET=1`` switches on.
-Triton reads that variable when a kernel is *decorated* (``@triton.jit``, i.e. when
-``sambay.kernels.triton_silu_mul`` / ``sambay.kernels.triton_gmu`` are first imported; older Triton read it at
+Triton reads that variable when a kernel is *decorated* (``@triton.jit``, i.e. when a kernel module such as
+``sambay.kernels.gating.triton_silu_mul`` is first imported; older Triton read it at
 ``import triton``). This conftest sets it at import time, which pytest does while collecting
 ``tests/kernels`` -- before any test runs, and before any kernel module is imported, because
 ``sambay`` / ``sambay.kernels`` import neither triton nor the kernel modules (``has_triton()`` only
 imports triton itself, which is harmless: checked on Triton 3.7). The one way to defeat this is a test
-module collected earlier that imports ``sambay.kernels.triton_silu_mul``/``triton_gmu`` at module level; then the
+module collected earlier that imports a ``sambay.kernels.*.triton_*`` module at module level; then the
 ``kernel_device`` fixture skips with a message instead of failing. To be independent of collection
 order, ``.ci/run`` also exports ``TRITON_INTERPRET=1`` for the whole run: that changes nothing for CPU
-tensors with ``backend="auto"`` (they always take the PyTorch twin).
+tensors with ``backend="auto"`` (they never take a Triton kernel).
 
 On a CUDA machine the variable is left alone (unless the caller set it), so the same small odd-shape
 tests run the compiled kernels on the GPU, and the ``cuda``-marked tests run at realistic sizes.
@@ -49,8 +49,8 @@ def kernel_device() -> torch.device:
         return torch.device("cuda")
     if not _interpreting():
         pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1")
-    gating = importlib.import_module("sambay.kernels.triton_silu_mul")
-    gmu_matmul = importlib.import_module("sambay.kernels.triton_gmu")
+    gating = importlib.import_module("sambay.kernels.gating.triton_silu_mul")
+    gmu_matmul = importlib.import_module("sambay.kernels.gating.triton_gmu")
     for kernel in (gating._silu_mul_fwd_kernel, gmu_matmul._gmu_fwd_kernel):
         if type(kernel).__name__ != "InterpretedFunction":
             pytest.skip("the kernel modules were imported before TRITON_INTERPRET=1 was set; "

@@ -72,15 +72,14 @@ def test_cpu_dispatch_calls_no_probe(monkeypatch):
 
 
 def test_active_backends(monkeypatch):
-    families = ("conv", "scan", "attention", "gating", "decode")
+    families = ("conv", "scan", "attention", "gating", "diff_decode")
     # the CPU fast paths: sambay's compiled linear and decode-attention kernels (built here by the probe)
-    cpu_fast = {"linear": "sambay_cpu", "cpu_decode": "sambay_cpu"}
+    cpu_fast = {"linear": "sambay_cpu", "diff_decode": "sambay_cpu"}
     assert kernels.active_backends("cpu") == {f: "torch" for f in families} | cpu_fast
     monkeypatch.setattr(dispatch, "_PROBES", {"conv": None, "scan": None, "attention": "flash_attn is not importable",
-                                              "gating": None, "decode": None})
+                                              "gating": None, "diff_decode": None})
     assert kernels.active_backends("cuda:1") == {"conv": "causal_conv1d", "scan": "mamba_ssm", "attention": "torch",
-                                                 "gating": "triton", "decode": "triton", "linear": "torch",
-                                                 "cpu_decode": "torch"}
+                                                 "gating": "triton", "diff_decode": "triton", "linear": "torch"}
 
 
 def test_backends_vocabulary_and_set_backend():

@@ -8,11 +8,15 @@ import torch
 from helpers import rel_err
 
 from sambay import kernels
-from sambay.kernels import cuda_adapters, dispatch, twins
-from sambay.kernels.twins import causal_conv1d as causal_conv1d_ref
-from sambay.kernels.twins import causal_conv1d_step as causal_conv1d_step_ref
-from sambay.kernels.twins import selective_scan as selective_scan_ref
-from sambay.kernels.twins import selective_step as selective_step_ref
+from sambay.kernels import dispatch
+from sambay.kernels.attention import cuda as attention_cuda
+from sambay.kernels.attention import twin as twins
+from sambay.kernels.conv import cuda as conv_cuda
+from sambay.kernels.conv.twin import causal_conv1d as causal_conv1d_ref
+from sambay.kernels.conv.twin import causal_conv1d_step as causal_conv1d_step_ref
+from sambay.kernels.scan import cuda as scan_cuda
+from sambay.kernels.scan.twin import selective_scan as selective_scan_ref
+from sambay.kernels.scan.twin import selective_step as selective_step_ref
 
 # The public ops under their former module names (the tests' assertions are unchanged).
 mamba_ops = attention_ops = kernels
@@ -32,8 +36,10 @@ def test_auto_takes_the_twins_on_cpu(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("a CUDA kernel was called for CPU tensors")
 
-    for name in ("attend_flash", "causal_conv1d", "causal_conv1d_step", "selective_scan", "selective_step"):
-        monkeypatch.setattr(cuda_adapters, name, boom)
+    for module, names in ((attention_cuda, ("attend_flash",)), (conv_cuda, ("causal_conv1d", "causal_conv1d_step")),
+                          (scan_cuda, ("selective_scan", "selective_step"))):
+        for name in names:
+            monkeypatch.setattr(module, name, boom)
     monkeypatch.setattr(dispatch, "probe", lambda family: None)  # even if the packages were there
     x, delta, A, Bm, Cm, D, z = _scan_inputs(2, 5, 6, 3)
     out, last = mamba_ops.selective_scan(x, delta, A, Bm, Cm, D, z=z)

@@ -36,8 +36,8 @@ def _args(op):
 
 
 OPS = [pytest.param("silu_mul", id="silu_mul"), pytest.param("gmu", id="gmu")]
-_TRITON_FN = {"silu_mul": ("sambay.kernels.triton_silu_mul", "silu_mul_triton"),
-              "gmu": ("sambay.kernels.triton_gmu", "gmu_triton")}
+_TRITON_FN = {"silu_mul": ("sambay.kernels.gating.triton_silu_mul", "silu_mul_triton"),
+              "gmu": ("sambay.kernels.gating.triton_gmu", "gmu_triton")}
 
 
 def _forbid_triton(monkeypatch, op):

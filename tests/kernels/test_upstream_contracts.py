@@ -186,7 +186,7 @@ def _attn_inputs(dtype, tq, tk, seed=0):
 def test_flash_attention_through_upstream(force_cuda, tq, tk, flash):
     """bf16 flash_attn_func (two D-wide value halves) against the fp32 masked twin."""
     from sambay import kernels
-    from sambay.kernels import twins
+    from sambay.kernels.attention import twin as twins
 
     q, k, v = _attn_inputs(torch.float32, tq, tk)
     i = torch.arange(tk - tq, tk)[:, None]

@@ -1,4 +1,4 @@
-"""sambay's CPU decode-attention kernels (kernels/cpu/decode.cpp via cpu_native.diff_decode_cpu) against the spec
+"""sambay's CPU decode-attention kernel (diff_decode/cpu_diff_decode.cpp via diff_decode_cpu) against the spec
 (diff_decode_ref, in fp64), and the property they exist for: a bf16 decode step reads the K/V cache in place,
 with no conversion or copy of it."""
 
@@ -8,11 +8,18 @@ import pytest
 import torch
 
 from sambay.kernels import active_backends, diff_attend
-from sambay.kernels.cpu_native import diff_decode_cpu
-from sambay.kernels.diff_decode_ref import diff_decode_ref
+from sambay.kernels import diff_decode as dd
+from sambay.kernels.diff_decode.ref import diff_decode_ref
 
-pytestmark = pytest.mark.skipif(active_backends("cpu")["cpu_decode"] != "sambay_cpu",
+pytestmark = pytest.mark.skipif(active_backends("cpu")["diff_decode"] != "sambay_cpu",
                                 reason="sambay's CPU kernels cannot be built or run on this machine")
+
+
+def diff_decode_cpu(q1, q2, k, v, valid, lam, scale):
+    """The kernel (signature (q, k, v, valid, lam, scale)) on the two maps' queries as the model holds them."""
+    B, H2, _, D = q1.shape
+    q = torch.stack([q1[:, :, 0], q2[:, :, 0]], dim=2).view(B, 2 * H2, D)  # checkpoint order 2j, 2j+1
+    return dd.diff_decode_cpu(q, k, v, valid, lam, scale)[:, :, None]
 
 
 def _case(B, G, R, S, D, dtype, seed=0, spare=3):
@@ -64,13 +71,25 @@ def test_no_visible_slot_gives_zeros():
                                rtol=1e-5, atol=1e-6)
 
 
+def test_diff_decode_auto_takes_the_kernel_on_cpu(monkeypatch):
+    """The op itself, one dispatch: "auto" on CPU tensors runs the C++ kernel, "torch" the twin."""
+    calls = []
+    real = dd.diff_decode_cpu
+    monkeypatch.setattr(dd, "diff_decode_cpu", lambda *a: calls.append(1) or real(*a))
+    q1, q2, k, v = _case(1, 2, 2, 30, 16, torch.float32)
+    q = torch.stack([q1[:, :, 0], q2[:, :, 0]], dim=2).view(1, 8, 16)
+    valid = torch.ones(1, 30, dtype=torch.bool)
+    fast = dd.diff_decode(q, k, v, valid, 0.3, 0.25)
+    assert calls == [1]
+    torch.testing.assert_close(fast, dd.diff_decode(q, k, v, valid, 0.3, 0.25, backend="torch"), rtol=1e-5, atol=1e-6)
+    assert calls == [1]
+
+
 def test_diff_attend_takes_the_kernel_for_decode_rows(monkeypatch):
     """Decode rows on CPU take the kernels under "auto" (and equal the twin); "torch" and gradients take the twin."""
-    from sambay.kernels import cpu_native
-
     calls = []
-    real = cpu_native.diff_decode_cpu
-    monkeypatch.setattr(cpu_native, "diff_decode_cpu", lambda *a: calls.append(1) or real(*a))
+    real = dd.diff_decode_cpu
+    monkeypatch.setattr(dd, "diff_decode_cpu", lambda *a: calls.append(1) or real(*a))
     q1, q2, k, v = _case(1, 2, 2, 30, 16, torch.float32)
     lam, mask = torch.tensor(0.3), torch.ones(1, 1, 1, 30, dtype=torch.bool)
     fast = diff_attend(q1, q2, k, v, mask, False, 0.25, lam)
@@ -120,9 +139,9 @@ def test_a_failed_build_warns_once_and_the_twins_run(monkeypatch):
     """No compiler (or any build error): one RuntimeWarning naming the error, "torch" reported, same results."""
     import torch.nn.functional as F
 
-    from sambay.kernels import cpu_native, dispatch, ops
+    from sambay.kernels import cpu_native, dispatch
+    from sambay.kernels.linear import linear
 
-    monkeypatch.setattr(cpu_native, "_STATE", {})
     monkeypatch.setattr(dispatch, "_PROBES", {})
 
     def no_compiler():
@@ -130,9 +149,9 @@ def test_a_failed_build_warns_once_and_the_twins_run(monkeypatch):
 
     monkeypatch.setattr(cpu_native, "_load", no_compiler)
     with pytest.warns(RuntimeWarning, match="CPU kernels failed to build.*c\\+\\+: command not found"):
-        assert active_backends("cpu")["linear"] == active_backends("cpu")["cpu_decode"] == "torch"
+        assert active_backends("cpu")["linear"] == active_backends("cpu")["diff_decode"] == "torch"
     x, w = torch.randn(1, 24).bfloat16(), torch.randn(5, 24).bfloat16()
-    torch.testing.assert_close(ops.linear(x, w), F.linear(x.float(), w.float()).bfloat16(), rtol=0, atol=0)
+    torch.testing.assert_close(linear(x, w), F.linear(x.float(), w.float()).bfloat16(), rtol=0, atol=0)
     q1, q2, k, v = _case(1, 2, 2, 30, 16, torch.float32)
     out = diff_attend(q1, q2, k, v, None, False, 0.25, torch.tensor(0.3))
     torch.testing.assert_close(out.double(), _ref(q1, q2, k, v, None, torch.tensor(0.3), 0.25), rtol=1e-5, atol=1e-6)

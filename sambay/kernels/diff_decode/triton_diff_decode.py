@@ -1,6 +1,6 @@
 """Triton flash-decoding kernels for differential attention with one query token per sequence.
 
-Twin: :func:`sambay.kernels.diff_decode_ref.diff_decode_ref` (shapes, semantics, the zero output of a
+Twin: :func:`sambay.kernels.diff_decode.ref.diff_decode_ref` (shapes, semantics, the zero output of a
 row with no visible slot). Public entry: :func:`sambay.kernels.diff_decode.diff_decode`.
 
 Two kernels (flash-decoding, Dao et al. 2023):

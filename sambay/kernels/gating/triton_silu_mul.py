@@ -1,6 +1,6 @@
 """Triton kernel for the SwiGLU-style gate ``silu(gate) * value`` (forward and backward).
 
-Twin: :func:`sambay.kernels.reference.silu_mul_ref`. Both compute in fp32 (fp64 when an input is fp64,
+Twin: :func:`sambay.kernels.gating.ref.silu_mul_ref`. Both compute in fp32 (fp64 when an input is fp64,
 for gradcheck) and round once to ``gate.dtype``; the only numerical difference is the ``exp``
 implementation, so results agree to a few fp32 ulps, i.e. at most one ulp after rounding to bf16/fp16.
 

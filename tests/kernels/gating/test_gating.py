@@ -15,8 +15,8 @@ from helpers import max_abs_err
 
 pytest.importorskip("triton")
 
-from sambay.kernels.reference import silu_mul_ref
-from sambay.kernels.triton_silu_mul import _as_rows, _silu_mul_bwd, _silu_mul_fwd, silu_mul_triton
+from sambay.kernels.gating.ref import silu_mul_ref
+from sambay.kernels.gating.triton_silu_mul import _as_rows, _silu_mul_bwd, _silu_mul_fwd, silu_mul_triton
 
 pytestmark = pytest.mark.triton
 
@@ -264,7 +264,7 @@ def test_fp64_gradcheck(kernel_device):
 def test_gpu_codegen_vectorizes(gpu_codegen):
     """Without a GPU: the kernels compile for sm_80 and sm_90, and bf16 fused halves (C = 4096, so row
     strides and the value pointer are 16-byte aligned) get 16-byte vector loads and stores."""
-    from sambay.kernels.triton_silu_mul import _silu_mul_config
+    from sambay.kernels.gating.triton_silu_mul import _silu_mul_config
 
     block_r, block_c, num_warps = _silu_mul_config(4096, None, None)
     tiles = {"BLOCK_R": block_r, "BLOCK_C": block_c, "ACC": {"tl": "float32"}}
@@ -275,11 +275,11 @@ def test_gpu_codegen_vectorizes(gpu_codegen):
                **dict.fromkeys(["d_s0", "d_s1", "g_s0", "g_s1", "v_s0", "v_s1"], "i32")}
     aligned = lambda sig: [k for k in sig if k not in ("R", "D1")]
     cases = [
-        {"module": "sambay.kernels.triton_silu_mul", "kernel": "_silu_mul_fwd_kernel", "signature": fwd_sig,
+        {"module": "sambay.kernels.gating.triton_silu_mul", "kernel": "_silu_mul_fwd_kernel", "signature": fwd_sig,
          "constexprs": {**tiles, "TWO_LEVELS": two}, "divisible": aligned(fwd_sig), "archs": [80, 90],
          "options": {"num_warps": num_warps}} for two in (False, True)
     ] + [
-        {"module": "sambay.kernels.triton_silu_mul", "kernel": "_silu_mul_bwd_kernel", "signature": bwd_sig,
+        {"module": "sambay.kernels.gating.triton_silu_mul", "kernel": "_silu_mul_bwd_kernel", "signature": bwd_sig,
          "constexprs": {**tiles, "TWO_LEVELS": False, "NEED_DGATE": True, "NEED_DVALUE": True},
          "divisible": aligned(bwd_sig), "archs": [80, 90], "options": {"num_warps": num_warps}},
     ]
@@ -326,7 +326,7 @@ def test_cuda_bf16_realistic(rows, c, within_ulps):
 def test_cuda_auto_dispatch_uses_triton(monkeypatch):
     """backend="auto" sends CUDA tensors to the Triton kernel."""
     from sambay.kernels import silu_mul
-    from sambay.kernels import triton_silu_mul as gating
+    from sambay.kernels.gating import triton_silu_mul as gating
 
     calls = []
     real = gating.silu_mul_triton

@@ -18,7 +18,7 @@ import torch
 from sambay.cache import FullKV, SlidingKV
 from sambay.kernels import dispatch
 from sambay.kernels.diff_decode import choose_splits, diff_decode, diff_decode_bytes, diff_decode_tiles
-from sambay.kernels.diff_decode_ref import diff_decode_ref
+from sambay.kernels.diff_decode.ref import diff_decode_ref
 from sambay.layers.attention import to_reference_layout
 
 # The module objects (not the same-named functions a package re-export could bind to these names).
@@ -98,14 +98,14 @@ def test_twin_lam_float_and_tensor_agree():
 def interp_device(kernel_device):
     """kernel_device, also checking that *this* module's kernels are interpreted when on the CPU."""
     if kernel_device.type == "cpu":
-        ddt = importlib.import_module("sambay.kernels.diff_decode_triton")
+        ddt = importlib.import_module("sambay.kernels.diff_decode.triton_diff_decode")
         if type(ddt._split_kernel).__name__ != "InterpretedFunction":
-            pytest.skip("sambay.kernels.diff_decode_triton was imported before TRITON_INTERPRET=1 was set")
+            pytest.skip("sambay.kernels.diff_decode.triton_diff_decode was imported before TRITON_INTERPRET=1 was set")
     return kernel_device
 
 
 def _kernel(q, k, v, valid, lam, scale, **geometry):
-    from sambay.kernels.diff_decode_triton import diff_decode_triton
+    from sambay.kernels.diff_decode.triton_diff_decode import diff_decode_triton
 
     return diff_decode_triton(q, k, v, valid, lam, scale, **geometry)
 
@@ -245,7 +245,9 @@ def test_kernel_fp16(interp_device):
 
 # ------------------------------------------------------------------------------------------- dispatch
 def test_auto_picks_the_twin_on_cpu(monkeypatch):
-    """On CPU tensors "auto" runs the twin, even when TRITON_INTERPRET=1 is set (as in these tests)."""
+    """On CPU tensors "auto" never runs Triton, even when TRITON_INTERPRET=1 is set (as in these tests): without
+    the C++ kernel (its test is in test_cpu_decode.py) it runs the twin."""
+    monkeypatch.setitem(dispatch._PROBES, "sambay_cpu", "not built (this test)")
     calls = []
     monkeypatch.setattr(dd, "diff_decode_ref", lambda *a: calls.append(1) or diff_decode_ref(*a))
     q, k, v, valid = _inputs(2, 4, 2, 9, 8, p_invisible=0.2)
@@ -257,7 +259,7 @@ def test_auto_picks_the_twin_on_cpu(monkeypatch):
 
 @pytest.mark.triton
 def test_backend_cuda_runs_the_kernel(interp_device, monkeypatch):
-    ddt = importlib.import_module("sambay.kernels.diff_decode_triton")
+    ddt = importlib.import_module("sambay.kernels.diff_decode.triton_diff_decode")
     calls = []
     real = ddt.diff_decode_triton
     monkeypatch.setattr(ddt, "diff_decode_triton", lambda *a: calls.append(1) or real(*a))
@@ -284,8 +286,9 @@ def test_gradients_take_the_twin(monkeypatch):
     with pytest.raises(RuntimeError, match="no backward"):
         diff_decode(q, k, v, valid, 0.4, 0.3, backend="cuda")
     monkeypatch.setattr(dispatch, "on_cuda", lambda *t: True)
-    monkeypatch.setitem(dispatch._PROBES, "decode", None)
-    assert dispatch.use_fast("decode", "auto", (q,), None) and not dispatch.use_fast("decode", "auto", (q,), "grad")
+    monkeypatch.setitem(dispatch._PROBES, "diff_decode", None)
+    assert dispatch.use_fast("diff_decode", "auto", (q,), None) and not dispatch.use_fast("diff_decode", "auto", (q,),
+                                                                                          "grad")
     monkeypatch.setattr(dispatch, "on_cuda", lambda *t: False)
     diff_decode(q, k, v, valid, 0.4, 0.3).sum().backward()
     assert q.grad is not None and q.grad.abs().sum() > 0
@@ -367,7 +370,7 @@ def test_gpu_codegen(gpu_codegen):
     launcher's tiles and pipeline depth; the bf16 dots run on tensor cores, the shared memory fits the ~99 KB
     of consumer GPUs and the partial accumulators are written and read with 16-byte accesses. (The K/V tiles are
     loaded with 16-byte cp.async into shared memory, which this check does not count.)"""
-    from sambay.kernels.diff_decode_triton import _STAGES
+    from sambay.kernels.diff_decode.triton_diff_decode import _STAGES
 
     split_ptrs = ["q_ptr", "k_ptr", "v_ptr", "valid_ptr", "m_ptr", "l_ptr", "acc_ptr"]
     split_ints = ["S", "G", "R", "split_len", "num_splits", "q_sb", "q_sh", "k_sb", "k_ss", "k_sg", "k_sn",
@@ -375,7 +378,7 @@ def test_gpu_codegen(gpu_codegen):
     cases = []
     for dtype, name in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
         tiles = diff_decode_tiles(64, dtype)
-        cases.append({"module": "sambay.kernels.diff_decode_triton", "kernel": "_split_kernel",
+        cases.append({"module": "sambay.kernels.diff_decode.triton_diff_decode", "kernel": "_split_kernel",
                       "signature": {**{p: f"*{name}" for p in split_ptrs[:3]}, "valid_ptr": "*u8",
                                     **{p: "*fp32" for p in split_ptrs[4:]}, **dict.fromkeys(split_ints, "i32"),
                                     "qk_scale": "fp32"},
@@ -383,7 +386,7 @@ def test_gpu_codegen(gpu_codegen):
                       "divisible": split_ptrs + ["q_sb", "q_sh", "k_sb", "k_ss", "k_sg", "k_sn", "v_sb", "v_sg",
                                                  "v_sn"],
                       "options": {"num_warps": 4, "num_stages": _STAGES}, "archs": [80, 90]})
-        cases.append({"module": "sambay.kernels.diff_decode_triton", "kernel": "_reduce_kernel",
+        cases.append({"module": "sambay.kernels.diff_decode.triton_diff_decode", "kernel": "_reduce_kernel",
                       "signature": {"m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32", "lam_ptr": "*bf16",
                                     "out_ptr": f"*{name}", "lam_value": "fp32", "num_splits": "i32"},
                       "constexprs": {"V": 128, "BLOCK_S": 32, "BLOCK_V": tiles["BLOCK_V"], "LAM_FROM_PTR": True},
@@ -423,11 +426,9 @@ def test_model_decode_through_the_kernel_equals_the_twin(interp_device, monkeypa
     family sent to the kernel (as "auto" does on CUDA) equal the same steps on the twins."""
     from helpers import random_model
 
-    from sambay.kernels import ops
-
-    ddt = importlib.import_module("sambay.kernels.diff_decode_triton")
+    ddt = importlib.import_module("sambay.kernels.diff_decode.triton_diff_decode")
     calls = []
-    real_kernel, real_use_fast = ddt.diff_decode_triton, ops.use_fast
+    real_kernel = ddt.diff_decode_triton
     monkeypatch.setattr(ddt, "diff_decode_triton", lambda *a, **kw: calls.append(1) or real_kernel(*a, **kw))
     model = random_model(sliding_window=4)
     ids = torch.randint(0, 64, (2, 12))
@@ -442,8 +443,7 @@ def test_model_decode_through_the_kernel_equals_the_twin(interp_device, monkeypa
 
     with torch.no_grad():
         ref = decode(False)
-        monkeypatch.setattr(ops, "use_fast", lambda family, backend, tensors, unsupported=None:
-                            family == "decode" or real_use_fast(family, backend, tensors, unsupported))
+        monkeypatch.setattr(dd, "fast_kernel", lambda *a, **kw: dd.diff_decode_triton)
         for static in (False, True):
             n = len(calls)
             torch.testing.assert_close(decode(static), ref, rtol=1e-4, atol=1e-5)

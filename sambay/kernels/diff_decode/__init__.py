@@ -1,38 +1,47 @@
-"""Differential-attention decode (one query token per sequence) over the cache-layout K/V: public op.
+"""Differential-attention decode (one query token per sequence) over the cache-layout K/V: the op, its dispatch.
 
 ``diff_decode(q, k, v, valid, lam, scale, backend)`` computes, for each differential head j,
 
     softmax(q_2j k_0g^T * scale) V_g - lam * softmax(q_2j+1 k_1g^T * scale) V_g,     g = j // R
 
-exactly as :func:`sambay.kernels.diff_decode_ref.diff_decode_ref` (the twin, same signature less
-``backend``) defines it, shapes and the fully-masked-row convention included. The backend is chosen by the
-one dispatcher (:mod:`sambay.kernels.dispatch`, family ``decode``): ``"auto"`` sends CUDA tensors to the
-Triton flash-decoding kernel (:mod:`sambay.kernels.diff_decode_triton`) when Triton imports and everything
-else to the twin, per call from the tensors' device.
+exactly as :func:`sambay.kernels.diff_decode.ref.diff_decode_ref` (the spec and twin) defines it, shapes and the
+fully-masked-row convention included. Every implementation has that signature (``valid=None``: all visible):
+
+    spec and twin   diff_decode/ref.py
+    CUDA            diff_decode/triton_diff_decode.py (flash-decoding, split over the context)
+    CPU             diff_decode/cpu_diff_decode.cpp (fused, K/V read once in their own dtype; built by cpu_native)
+
+One family (``diff_decode``), dispatched once by :func:`fast_kernel`: ``"auto"`` sends CUDA tensors to the Triton
+kernel when Triton imports, CPU tensors to the C++ kernel when it is built, everything else to the twin.
+:func:`sambay.kernels.diff_attend` asks :func:`fast_kernel` for its decode rows.
 
 This module imports no Triton itself (the kernel module is imported on first use), so importing it is
 safe on a machine without Triton and before ``TRITON_INTERPRET`` is set.
 
-:func:`diff_decode_bytes` counts the bytes the kernel moves per call beside the ideal (K and V read once).
+:func:`diff_decode_bytes` counts the bytes the Triton kernel moves per call beside the ideal (K and V read once).
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 
-from sambay.kernels.diff_decode_ref import check_diff_decode_args, diff_decode_ref
-from sambay.kernels.dispatch import check_backend, needs_grad, use_fast
+from sambay.kernels.common import device_of
+from sambay.kernels.diff_decode.ref import check_diff_decode_args, diff_decode_ref
+from sambay.kernels.dispatch import check_backend, fast_path, needs_grad
 
-__all__ = ["DiffDecodeBytes", "choose_splits", "diff_decode", "diff_decode_bytes", "diff_decode_ref",
-           "diff_decode_tiles"]
+__all__ = ["DiffDecodeBytes", "choose_splits", "diff_decode", "diff_decode_bytes", "diff_decode_cpu",
+           "diff_decode_ref", "diff_decode_tiles", "fast_kernel"]
 
 # SMs assumed when no CUDA device is there to ask (the interpreter, or counting bytes on a CPU machine):
 # an H100/H200 SXM has 132.
 _DEFAULT_SMS = 132
 _MIN_SPLIT_BLOCKS = 4
+
+Kernel = Callable[..., torch.Tensor]
 
 
 def diff_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor,
@@ -44,21 +53,58 @@ def diff_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.
         valid: (B, S) bool, True = visible slot; a row with no visible slot gives zeros.
         lam: float or one-element tensor (a tensor is read on the device: no host sync, graph-capturable).
         scale: softmax scale.
-        backend: "auto" (Triton for CUDA tensors when Triton imports, else the twin), "torch" (the twin),
-            "cuda" (the kernel; on CPU tensors only under TRITON_INTERPRET=1, else RuntimeError).
-            The kernel has no backward: a call that needs gradients takes the twin under "auto" and
-            raises under "cuda".
+        backend: "auto" (the Triton kernel for CUDA tensors when Triton imports, the C++ kernel for CPU tensors
+            when it is built, else the twin), "torch" (the twin), "cuda" (the Triton kernel; on CPU tensors only
+            under TRITON_INTERPRET=1, else RuntimeError). The kernels have no backward: a call that needs
+            gradients takes the twin under "auto" and raises under "cuda".
     Returns:
         (B, Hq/2, 2D) in q.dtype.
     """
     check_backend(backend)
     check_diff_decode_args(q, k, v, valid, lam)
-    no_grad = "an input requires grad and the kernel has no backward (call it under torch.no_grad())"
-    if use_fast("decode", backend, (q, k, v), no_grad if needs_grad(q, k, v, lam) else None):
-        from sambay.kernels.diff_decode_triton import diff_decode_triton
+    return (fast_kernel(q, k, v, lam, backend) or diff_decode_ref)(q, k, v, valid, lam, scale)
 
-        return diff_decode_triton(q, k, v, valid, lam, scale)
-    return diff_decode_ref(q, k, v, valid, lam, scale)
+
+def fast_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lam: torch.Tensor | float,
+                backend: str = "auto") -> Kernel | None:
+    """The fast path that takes this call (with :func:`diff_decode`'s signature), or None: the family's one
+    dispatch. Raises as :func:`sambay.kernels.dispatch.fast_path` does for ``backend="cuda"``."""
+    path = fast_path("diff_decode", backend, (q, k, v), lambda p: _unsupported(p, q, k, v, lam))
+    return None if path is None else diff_decode_triton if path == "cuda" else diff_decode_cpu
+
+
+def _unsupported(path: str, q, k, v, lam) -> str | None:
+    """Why the ``path`` kernel cannot take this call, or None."""
+    if needs_grad(q, k, v, lam):
+        return "an input requires grad and the kernel has no backward (call it under torch.no_grad())"
+    if path == "cpu":
+        if k.dtype not in (torch.bfloat16, torch.float16, torch.float32) or not (q.dtype == k.dtype == v.dtype):
+            return f"q/k/v in {q.dtype}/{k.dtype}/{v.dtype} (the C++ kernel reads bf16, fp16 or fp32)"
+        if k.stride(-1) != 1 or v.stride(-1) != 1:
+            return "K/V without a unit last stride"
+    return None
+
+
+def diff_decode_triton(q, k, v, valid, lam, scale) -> torch.Tensor:
+    """The Triton kernel (:mod:`.triton_diff_decode`) on q's device; ``valid=None`` means every slot visible."""
+    from sambay.kernels.diff_decode import triton_diff_decode
+
+    if valid is None:
+        valid = torch.ones(k.shape[0], k.shape[-2], dtype=torch.bool, device=k.device)
+    with device_of(q):
+        return triton_diff_decode.diff_decode_triton(q, k, v, valid, lam, scale)
+
+
+def diff_decode_cpu(q, k, v, valid, lam, scale) -> torch.Tensor:
+    """The C++ kernel (``cpu_diff_decode.cpp``): K/V (bf16, fp16 or fp32, unit last stride) read once in their own
+    dtype, the math in fp32, rounded once to q's dtype; ``valid=None`` means every slot visible."""
+    B, Hq, D = q.shape
+    G = k.shape[2]
+    qg = q.reshape(B, G, Hq // 2 // G, 2, D).transpose(2, 3)  # (B, G, 2, R, D): diff head j = g R + r, map m
+    valid = q.new_empty(0, dtype=torch.bool) if valid is None else valid.contiguous()
+    lam32 = lam.detach().float().reshape(1) if isinstance(lam, torch.Tensor) else torch.tensor([float(lam)])
+    out = torch.ops.sambay_cpu.diff_decode(qg.float().contiguous(), k, v, valid, lam32, float(scale))  # (B,G,R,2D)
+    return out.reshape(B, Hq // 2, 2 * D).to(q.dtype)
 
 
 # ------------------------------------------------------------------------------------- launch geometry

@@ -18,8 +18,8 @@ from helpers import max_abs_err
 pytest.importorskip("triton")
 import triton.language as tl
 
-from sambay.kernels.reference import gmu_ref, silu_mul_ref
-from sambay.kernels.triton_gmu import _gmu_bwd, _gmu_fwd, gmu_triton
+from sambay.kernels.gating.ref import gmu_ref, silu_mul_ref
+from sambay.kernels.gating.triton_gmu import _gmu_bwd, _gmu_fwd, gmu_triton
 
 pytestmark = pytest.mark.triton
 
@@ -255,7 +255,7 @@ def test_gpu_codegen_uses_tensor_cores(gpu_codegen):
     """Without a GPU: both kernels compile for sm_90 (and the bf16 forward for sm_80) with the launcher's
     bf16 and fp32 tiles; bf16 runs on tensor cores (wgmma on Hopper, mma.sync on Ampere) with 16-byte
     epilogue stores, and the pipelined shared memory fits the ~99 KB of consumer GPUs too."""
-    from sambay.kernels.triton_gmu import _gmu_config
+    from sambay.kernels.gating.triton_gmu import _gmu_config
 
     fwd_ints = ["M", "N", "K", "s_xm", "s_wn", "s_mm", "s_om"]
     bwd_ints = ["M", "N", "K", "s_xm", "s_wn", "s_mm", "s_gm", "s_dhm", "s_dmm"]
@@ -272,7 +272,7 @@ def test_gpu_codegen_uses_tensor_cores(gpu_codegen):
              ["s_xk", "s_wk", "s_mn", "s_gn", "s_dhn", "s_dmn"], {"NEED_DH": True, "NEED_DMEM": True}),
         ):
             # unit strides become constexpr 1, as the JIT specializes them
-            cases.append({"module": "sambay.kernels.triton_gmu", "kernel": kernel,
+            cases.append({"module": "sambay.kernels.gating.triton_gmu", "kernel": kernel,
                           "signature": {**dict.fromkeys(ptrs, f"*{name}"), **dict.fromkeys(ints, "i32")},
                           "constexprs": {**consts, **flags, **dict.fromkeys(units, 1)},
                           "divisible": ptrs + ints[1:], "options": options,
@@ -319,7 +319,7 @@ def test_cuda_bf16_realistic(rows, c, e):
 def test_cuda_auto_dispatch_uses_triton(monkeypatch):
     """backend="auto" sends CUDA tensors to the Triton kernel."""
     from sambay.kernels import gmu
-    from sambay.kernels import triton_gmu as gmu_matmul
+    from sambay.kernels.gating import triton_gmu as gmu_matmul
 
     calls = []
     real = gmu_matmul.gmu_triton

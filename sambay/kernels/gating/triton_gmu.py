@@ -1,6 +1,6 @@
 """Triton kernels for the Gated Memory Unit's gate ``silu(x @ W^T) * memory`` (forward and backward).
 
-Twin: :func:`sambay.kernels.reference.gmu_ref`. The forward is one tiled matmul whose epilogue applies the
+Twin: :func:`sambay.kernels.gating.ref.gmu_ref`. The forward is one tiled matmul whose epilogue applies the
 gate, so the in_proj output ``h = x @ W^T`` (M x E) never goes to memory: it lives in fp32 registers,
 is gated in fp32 and rounded once. (The twin rounds ``h`` to the input dtype first, as ``nn.Linear``
 does, so in bf16 the kernel is slightly *closer* to the fp32 math than the twin; in fp32 they agree to
