@@ -286,8 +286,10 @@ def _write_atomic(path: Path, text: str) -> None:
 
 def read_generation_config(directory) -> dict:
     """The checkpoint's generation_config.json as a dict ({} when there is none)."""
+    from sambay.loading import probe_path
+
     path = Path(directory) / GENERATION_CONFIG
-    if not path.is_file():
+    if probe_path(path, "the checkpoint's generation config", "file") is None:  # unreadable: an OSError naming it
         return {}
     try:
         d = json.loads(path.read_text(encoding="utf-8"))

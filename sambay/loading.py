@@ -23,10 +23,12 @@ commit leaves a directory without ``config.json``, which loading refuses with a 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
 import re
+import stat
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -59,15 +61,154 @@ class CheckpointError(ValueError):
     """A checkpoint that does not fit the model, or a file that is not a valid safetensors file."""
 
 
+# ---- paths --------------------------------------------------------------------------------------
+def _os_error(cls: type[OSError], code: int, message: str) -> OSError:
+    """``cls(message)`` carrying ``errno`` ``code``, its message free of the "[Errno n]" prefix."""
+    e = cls(message)
+    e.errno = code
+    return e
+
+
+def _unreadable(path, what: str, e: OSError) -> OSError:
+    """The OSError ``e`` (from os.stat of ``path``) restated with the path and what is wrong there."""
+    if e.errno == errno.ELOOP:
+        why = "is a symbolic link loop (too many levels of symbolic links)"
+    elif e.errno == errno.ENOTDIR:
+        why = "cannot be reached: a component of the path is a file, not a directory"
+    elif isinstance(e, PermissionError):
+        why = "cannot be read: permission denied (to search a directory above it)"
+    else:
+        why = f"cannot be read ({e.strerror or e})"
+    return _os_error(type(e), e.errno, f"{what} {os.fspath(path)} {why}")
+
+
+def probe_path(path, what: str, kind: str) -> os.stat_result | None:
+    """``os.stat(path)`` when ``path`` is a ``kind`` ("file": a regular file; "directory") this process can read;
+    None when nothing is there. Anything else there (a symlink loop, a link to nothing, a directory where a file
+    is expected or the reverse, a FIFO, no permission) is an OSError naming the path (``what`` says which path it
+    is) and what is wrong, never reported as missing."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise _os_error(FileNotFoundError, errno.ENOENT, f"{what} {os.fspath(path)} is a symbolic link to "
+                                                           f"{os.readlink(path)}, which does not exist") from None
+        return None
+    except OSError as e:
+        raise _unreadable(path, what, e) from None
+    found = stat.filemode(st.st_mode)
+    if kind == "directory" and not stat.S_ISDIR(st.st_mode):
+        raise _os_error(NotADirectoryError, errno.ENOTDIR, f"{what} {os.fspath(path)} is not a directory (mode "
+                                                          f"{found}); expected a directory")
+    if kind == "file" and stat.S_ISDIR(st.st_mode):
+        raise _os_error(IsADirectoryError, errno.EISDIR, f"{what} {os.fspath(path)} is a directory; expected a file")
+    if kind == "file" and not stat.S_ISREG(st.st_mode):  # a FIFO or a device: reading it could block forever
+        raise _os_error(OSError, errno.EINVAL, f"{what} {os.fspath(path)} is not a regular file (mode {found}); "
+                                              f"expected a file")
+    access = os.R_OK | (os.X_OK if kind == "directory" else 0)
+    if not os.access(path, access, effective_ids=os.access in os.supports_effective_ids):
+        need = "read and search" if kind == "directory" else "read"
+        raise _os_error(PermissionError, errno.EACCES, f"{what} {os.fspath(path)} cannot be read: permission denied "
+                                                      f"(mode {found}, owner uid {st.st_uid}; expected {need} "
+                                                      f"permission)")
+    return st
+
+
+def _stat_file(path, what: str) -> os.stat_result:
+    """probe_path for a file that must exist."""
+    st = probe_path(path, what, "file")
+    if st is None:
+        raise _os_error(FileNotFoundError, errno.ENOENT, f"{what} {os.fspath(path)} does not exist")
+    return st
+
+
 # ---- reading ------------------------------------------------------------------------------------
+# Every dtype code of the safetensors format (0.8) and its bits per element: the header's byte spans are checked
+# against them, so a code sambay does not load is named as such rather than reported as a bad span.
+_FORMAT_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "F8_E4M3FNUZ": 8,
+                "F8_E5M2FNUZ": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
+                "I32": 32, "U32": 32, "F32": 32, "I64": 64, "U64": 64, "F64": 64, "C64": 64}
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """json object_pairs_hook: a name given twice would be last-one-wins in json, ambiguous in the file."""
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        twice = sorted({k for k, _ in pairs if sum(1 for j, _ in pairs if j == k) > 1})
+        raise CheckpointError(f"the names {twice} appear more than once in one JSON object; expected each once")
+    return d
+
+
+def _is_count(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _check_entry(path, name: str, info, exact: dict[str, str] | None) -> tuple[int, int]:
+    """One tensor's header entry, field by field; returns its (begin, end) byte offsets. Raises CheckpointError
+    naming the file, the tensor, the field, what was expected and what was found."""
+    where = f"{path}: tensor {name}"
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{where}: expected an object with dtype, shape and data_offsets, found {info!r:.80}")
+    missing = [k for k in ("dtype", "shape", "data_offsets") if k not in info]
+    if missing:
+        raise CheckpointError(f"{where}: missing field(s) {missing}; expected dtype, shape and data_offsets")
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in _FORMAT_BITS:
+        raise CheckpointError(f"{where}: dtype {dtype!r} is not a safetensors dtype; expected one of "
+                              f"{', '.join(_FORMAT_BITS)}")
+    want = (exact or {}).get(name)
+    if want is not None and dtype != want:
+        raise CheckpointError(f"{where} is stored as {dtype}; expected {want} (a buffer of sambay's quantized "
+                              f"format, read as stored)")
+    if want is None and dtype not in _FLOAT_DTYPES:
+        raise CheckpointError(f"{where} is stored as {dtype}; expected a float dtype ({', '.join(_FLOAT_DTYPES)}) "
+                              f"that casts to the model's (integer, bool and 8-bit/4-bit float tensors are not "
+                              f"weights of this model)")
+    if not isinstance(shape, list) or not all(_is_count(s) for s in shape):
+        raise CheckpointError(f"{where}: shape {shape!r:.80}: expected a list of non-negative integers")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets) \
+            or offsets[0] > offsets[1]:
+        raise CheckpointError(f"{where}: data_offsets {offsets!r:.80}: expected [begin, end], two integers with "
+                              f"0 <= begin <= end (bytes from the start of the data)")
+    need_bits = math.prod(shape) * _FORMAT_BITS[dtype]
+    if need_bits != 8 * (offsets[1] - offsets[0]):
+        raise CheckpointError(f"{where}: shape {shape} of {dtype} needs {need_bits / 8:g} bytes, but data_offsets "
+                              f"{offsets} span {offsets[1] - offsets[0]}")
+    return offsets[0], offsets[1]
+
+
+def _check_layout(path, spans: dict[str, tuple[int, int]], data_size: int, data_start: int) -> None:
+    """The tensors' byte spans tile the data region exactly, as the format requires: in offset order, each begins
+    where the previous ended, the first at 0, the last at the end of the file."""
+    at, previous = 0, None
+    for name, (a, b) in sorted(spans.items(), key=lambda kv: kv[1]):
+        if a < at:
+            raise CheckpointError(f"{path}: tensor {name}: data_offsets [{a}, {b}] overlap tensor {previous} "
+                                  f"(which ends at {at}); expected each tensor's bytes to start where the previous "
+                                  f"one ended")
+        if a > at:
+            after = f"after tensor {previous}" if previous else "at the start of the data"
+            raise CheckpointError(f"{path}: tensor {name}: data_offsets [{a}, {b}] leave bytes {at}..{a} {after} "
+                                  f"unused; expected the tensors to follow one another without gaps")
+        at, previous = b, name
+    if at > data_size:
+        raise CheckpointError(f"{path}: truncated: the header describes {data_start + at} bytes, the file has "
+                              f"{data_start + data_size}")
+    if at < data_size:
+        raise CheckpointError(f"{path}: {data_size - at} byte(s) after the last tensor's data (the tensors end at "
+                              f"{at}, the data region has {data_size}); expected the tensors to cover the file")
+
+
 def read_header(path: str | os.PathLike, exact: dict[str, str] | None = None) -> tuple[dict, int]:
     """Parse and validate a safetensors header. Returns ({name: {dtype, shape, data_offsets}}, data start).
 
-    The official parser (``safetensors.safe_open``) is the authority on validity; the header JSON is read
-    here only for the byte offsets, which that parser has just checked. Raises CheckpointError naming the
-    file (and tensor) for a truncated or corrupt file, or a tensor whose dtype is not a float dtype, or for a
-    name in ``exact`` (a quantized buffer: name -> safetensors dtype code), not exactly that dtype."""
-    size = os.path.getsize(path)
+    Every field of the JSON header is checked here first, so that a malformed file is reported by file, tensor
+    and field with what was expected and found: each dtype is a safetensors code that this model loads (a float,
+    or for a name in ``exact`` (a quantized buffer: name -> dtype code) exactly that code), each shape a list of
+    non-negative integers whose size in that dtype equals the byte span of its data_offsets, and the spans tile
+    the data region. The official parser (``safetensors.safe_open``) then reads the header too and stays the
+    authority: anything it still refuses is a CheckpointError quoting it."""
+    size = _stat_file(path, "safetensors file").st_size
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
@@ -79,36 +220,28 @@ def read_header(path: str | os.PathLike, exact: dict[str, str] | None = None) ->
                                   f"file size {size})")
         raw = f.read(n)
     try:
-        header = json.loads(raw)
+        header = json.loads(raw, object_pairs_hook=_unique_keys)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: corrupt safetensors header: {e}") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header (expected a JSON object, found "
                               f"{type(header).__name__})")
-    header.pop("__metadata__", None)
-    ends = [info["data_offsets"][1] for info in header.values()
-            if isinstance(info, dict) and isinstance(info.get("data_offsets"), list) and len(info["data_offsets"]) == 2
-            and isinstance(info["data_offsets"][1], int)]
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not (isinstance(metadata, dict)
+                                     and all(isinstance(v, str) for v in metadata.values())):
+        raise CheckpointError(f"{path}: __metadata__: expected an object of strings, found {metadata!r:.80}")
     data_start = 8 + n
-    if data_start + max(ends, default=0) > size:
-        raise CheckpointError(f"{path}: truncated: the header describes {data_start + max(ends)} bytes, the file "
-                              f"has {size}")
+    spans = {name: _check_entry(path, name, info, exact) for name, info in header.items()}
+    _check_layout(path, spans, size - data_start, data_start)
     try:
         with safe_open(path, framework="pt") as st:
-            official = {k: (st.get_slice(k).get_dtype(), list(st.get_slice(k).get_shape())) for k in st.keys()}
+            official = set(st.keys())
     except SafetensorError as e:
         raise CheckpointError(f"{path}: not a valid safetensors file ({e})") from None
-    if official.keys() != header.keys():  # safe_open refuses duplicate keys; this is an internal invariant
+    if official != header.keys():  # both parsers refuse duplicates; this is an internal invariant
         raise CheckpointError(f"{path}: the header's keys are ambiguous (duplicated names?)")
-    for name, (dtype, _) in sorted(official.items()):
-        want = (exact or {}).get(name)
-        if want is not None and dtype != want:
-            raise CheckpointError(f"{path}: tensor {name} is stored as {dtype}; expected {want} (a buffer of "
-                                  f"sambay's quantized format, read as stored)")
-        if want is None and dtype not in _FLOAT_DTYPES:
-            raise CheckpointError(f"{path}: tensor {name} is stored as {dtype}; expected a float dtype "
-                                  f"({', '.join(_FLOAT_DTYPES)}) that casts to the model's (integer, bool and "
-                                  f"quantized tensors are not weights of this model)")
     return header, data_start
 
 
@@ -150,18 +283,21 @@ def _read_index(index: Path) -> dict[str, str]:
 
 
 def checkpoint_files(directory: Path) -> list[Path]:
-    """The safetensors files of a checkpoint directory (one file, or the shards of the index)."""
+    """The safetensors files of a checkpoint directory (one file, or the shards of the index). A path that is
+    there but cannot be read (a symlink loop, a directory, no permission) is an OSError naming it."""
     index, single = directory / INDEX_FILE, directory / SINGLE_FILE
-    if index.is_file() and single.is_file():
+    has_index = probe_path(index, "the shard index", "file") is not None
+    has_single = probe_path(single, "the weights file", "file") is not None
+    if has_index and has_single:
         raise CheckpointError(f"{directory}: holds both {SINGLE_FILE} and {INDEX_FILE}; expected one layout "
                               f"(one of them is stale: remove it)")
-    if index.is_file():
+    if has_index:
         files = [directory / name for name in dict.fromkeys(_read_index(index).values())]
-    elif single.is_file():
+    elif has_single:
         files = [single]
     else:
         raise FileNotFoundError(f"{directory}: no {SINGLE_FILE} or {INDEX_FILE}")
-    missing = [p.name for p in files if not p.is_file()]
+    missing = [p.name for p in files if probe_path(p, "the shard", "file") is None]
     if missing:
         raise FileNotFoundError(f"{index}: the index names shard(s) that do not exist in {directory}: {missing}")
     return files
@@ -252,10 +388,14 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
         raise TypeError(f"path: expected a checkpoint directory (str or os.PathLike) or a hub id, got "
                         f"{type(path).__name__}")
     p = Path(path)
-    if p.is_dir():
-        return p
-    if p.exists():
-        raise NotADirectoryError(f"{path} is a file; expected a checkpoint directory (config.json + safetensors)")
+    try:
+        if probe_path(p, "the checkpoint directory", "directory") is not None:
+            return p
+    except NotADirectoryError as e:
+        if not p.is_file():  # a path through a file, or a FIFO: the probe's words
+            raise
+        raise NotADirectoryError(f"{path} is a file; expected a checkpoint directory (config.json + safetensors)") \
+            from e
     name = os.fspath(path)
     if not _looks_like_hub_id(name):
         parent = next((q for q in p.absolute().parents if q.is_dir()), None)
@@ -421,7 +561,7 @@ def from_pretrained(path, dtype: torch.dtype | str | None = None, device=None, c
     cls = cls or SambaYForCausalLM
     device = _resolve_device(device)
     directory = resolve_checkpoint(path)
-    if not (directory / CONFIG_FILE).is_file():
+    if probe_path(directory / CONFIG_FILE, "the checkpoint's config", "file") is None:
         leftovers = sorted(p.name for p in directory.glob(f".*{_TMP_SUFFIX}"))
         if leftovers:
             raise CheckpointError(f"{directory}: no {CONFIG_FILE}, and temporary files of an interrupted "
@@ -582,9 +722,13 @@ def save_pretrained(model, directory, max_shard_size: int | str = "5GB", *, chec
     if not isinstance(directory, (str, os.PathLike)):
         raise TypeError(f"directory: expected a path (str or os.PathLike), got {type(directory).__name__}")
     directory = Path(directory)
-    if directory.exists() and not directory.is_dir():
+    try:
+        probe_path(directory, "directory:", "directory")  # a path to create, or a directory: anything else raises
+    except NotADirectoryError:
+        if not os.path.lexists(directory):
+            raise
         raise NotADirectoryError(f"directory: {directory} exists and is not a directory; expected a checkpoint "
-                                 f"directory (or a path to create)")
+                                 f"directory (or a path to create)") from None
     # Parameters (the tied head once) and the quantized buffers (qweight/scales/mins, as they are).
     state = [*model.named_parameters(), *model.named_buffers()]
     meta = [n for n, p in state if p.is_meta]

@@ -1,7 +1,10 @@
 """Bad checkpoints: one case per kind, each asserting the exception type and the words of its message
 (which file or tensor, what was expected, what was found)."""
 
+import contextlib
 import json
+import os
+import re
 import shutil
 import struct
 
@@ -81,28 +84,61 @@ def test_float_dtypes_cast_exactly_where_they_can(tmp_path):
         assert p.dtype == torch.float32 and torch.equal(p, t[name].float()), name
 
 
-# ---- header offsets (the official parser) ----------------------------------------------------------------
+# ---- header fields: each malformed field named by file, tensor and field ------------------------------------
 def _f32(n, a):
     return {"dtype": "F32", "shape": [n], "data_offsets": [a, a + 4 * n]}
 
 
+def _a(**fields):
+    """Tensor ``a``: two F32 values at [0, 8], with ``fields`` replaced."""
+    return {"a": {**_f32(2, 0), **fields}}
+
+
 @pytest.mark.parametrize("header, data, words", [
-    ({"a": _f32(2, 0), "b": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, b"\0" * 8,
-     "invalid offset for tensor `b`"),                                       # overlapping
-    ({"a": _f32(1, 0), "b": _f32(1, 8)}, b"\0" * 12, "invalid offset for tensor `b`"),   # a gap
-    ({"a": {"dtype": "F32", "shape": [0], "data_offsets": [8, 0]}}, b"\0" * 8, "invalid offset"),  # reversed
-    ({"a": _f32(1, 0)}, b"\0" * 12, "file not fully covered"),               # bytes after the last tensor
-    ({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8, "invalid shape, data type, or offset"),
-    ({"a": {"dtype": "F33", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8, "unknown variant `F33`"),
-    ({"a": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, b"\0" * 8, "invalid value: integer `-2`"),
-    ({"a": {"dtype": "F32", "shape": [2]}}, b"\0" * 8, "missing field `data_offsets`"),
-], ids=["overlap", "gap", "reversed", "trailing-bytes", "shape-vs-bytes", "unknown-dtype", "negative-shape",
-        "no-offsets"])
-def test_invalid_headers_are_refused_by_the_safetensors_parser(tmp_path, header, data, words):
-    d = _raw_ckpt(tmp_path, header, data)
+    ({"a": _f32(2, 0), "b": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, 8,
+     "tensor b: data_offsets [4, 8] overlap tensor a (which ends at 8)"),
+    ({"a": _f32(1, 0), "b": _f32(1, 8)}, 12, "tensor b: data_offsets [8, 12] leave bytes 4..8 after tensor a unused"),
+    ({"a": _f32(1, 4)}, 8, "tensor a: data_offsets [4, 8] leave bytes 0..4 at the start of the data unused"),
+    (_a(shape=[0], data_offsets=[8, 0]), 8, "tensor a: data_offsets [8, 0]: expected [begin, end], two integers "
+                                            "with 0 <= begin <= end"),
+    (_a(data_offsets=[0]), 8, "tensor a: data_offsets [0]: expected [begin, end]"),
+    (_a(data_offsets=[-8, 0]), 8, "tensor a: data_offsets [-8, 0]: expected [begin, end]"),
+    ({"a": _f32(1, 0)}, 12, "8 byte(s) after the last tensor's data (the tensors end at 4, the data region has 12)"),
+    (_a(shape=[3]), 8, "tensor a: shape [3] of F32 needs 12 bytes, but data_offsets [0, 8] span 8"),
+    (_a(dtype="F16"), 8, "tensor a: shape [2] of F16 needs 4 bytes, but data_offsets [0, 8] span 8"),
+    (_a(dtype="F33"), 8, "tensor a: dtype 'F33' is not a safetensors dtype; expected one of BOOL, U8"),
+    (_a(dtype=32), 8, "tensor a: dtype 32 is not a safetensors dtype"),
+    (_a(dtype="F8_E4M3"), 8, "tensor a is stored as F8_E4M3; expected a float dtype (F64, F32, F16, BF16)"),
+    (_a(dtype="F4"), 8, "tensor a is stored as F4; expected a float dtype (F64, F32, F16, BF16)"),
+    (_a(shape=[-2]), 8, "tensor a: shape [-2]: expected a list of non-negative integers"),
+    (_a(shape=[2.0]), 8, "tensor a: shape [2.0]: expected a list of non-negative integers"),
+    (_a(shape=[True, 2]), 8, "tensor a: shape [True, 2]: expected a list of non-negative integers"),
+    (_a(shape=2), 8, "tensor a: shape 2: expected a list of non-negative integers"),
+    ({"a": {"dtype": "F32", "shape": [2]}}, 8, "tensor a: missing field(s) ['data_offsets']"),
+    ({"a": [1, 2]}, 8, "tensor a: expected an object with dtype, shape and data_offsets, found [1, 2]"),
+    ({"__metadata__": {"format": 1}, **_a()}, 8, "__metadata__: expected an object of strings, found {'format': 1}"),
+], ids=["overlap", "gap", "gap-at-start", "reversed", "one-offset", "negative-offset", "trailing-bytes",
+        "shape-vs-bytes", "dtype-vs-bytes", "unknown-dtype", "dtype-not-a-string", "unsupported-fp8", "unsupported-fp4",
+        "negative-shape", "float-shape", "bool-shape", "shape-not-a-list", "no-offsets", "entry-not-an-object",
+        "metadata"])
+def test_malformed_header_fields_are_named(tmp_path, header, data, words):
+    d = _raw_ckpt(tmp_path, header, b"\0" * data)
     with pytest.raises(CheckpointError) as e:
         SambaYForCausalLM.from_pretrained(d)
-    assert f"{d / 'model.safetensors'}: not a valid safetensors file" in str(e.value) and words in str(e.value)
+    assert str(e.value).startswith(f"{d / 'model.safetensors'}: ") and words in str(e.value)
+
+
+def test_a_header_the_official_parser_accepts_passes_the_field_checks(tmp_path):
+    """The field checks are no stricter than the format: zero-size tensors sharing an offset, unknown extra fields,
+    string metadata and trailing spaces after the JSON all load."""
+    from sambay.loading import read_header
+
+    header = {"__metadata__": {"format": "pt"}, "e": {"dtype": "F32", "shape": [0, 3], "data_offsets": [0, 0]},
+              "a": {**_f32(2, 0), "note": "ignored"}, "z": {"dtype": "BF16", "shape": [0], "data_offsets": [8, 8]}}
+    path = tmp_path / "ok.safetensors"
+    _raw_file(path, header, b"\0" * 8, raw_header=json.dumps(header).encode() + b"    ")
+    parsed, start = read_header(path)
+    assert sorted(parsed) == ["a", "e", "z"] and start == 8 + len(json.dumps(header)) + 4
 
 
 def test_offsets_beyond_the_file_say_truncated(tmp_path):
@@ -114,7 +150,7 @@ def test_offsets_beyond_the_file_say_truncated(tmp_path):
 def test_a_key_twice_in_one_header_is_refused(tmp_path):
     raw = b'{"a":' + json.dumps(_f32(1, 0)).encode() + b',"a":' + json.dumps(_f32(1, 4)).encode() + b"}"
     d = _raw_ckpt(tmp_path, None, b"\0" * 8, raw_header=raw)
-    with pytest.raises(CheckpointError, match="not a valid safetensors file.*invalid offset for tensor `a`"):
+    with pytest.raises(CheckpointError, match=r"corrupt safetensors header: the names \['a'\] appear more than once"):
         SambaYForCausalLM.from_pretrained(d)
 
 
@@ -285,6 +321,112 @@ def test_a_file_or_a_non_path_instead_of_a_directory(tmp_path):
     with pytest.raises(TypeError, match="path: expected a checkpoint directory .str or os.PathLike. or a hub id, "
                                         "got int"):
         SambaYForCausalLM.from_pretrained(3)
+
+
+# ---- paths that are there but cannot be read: named, never reported as missing ----------------------------
+def _loop(path):
+    """``path`` becomes a symlink loop (it points to itself)."""
+    path.unlink(missing_ok=True)
+    path.symlink_to(path.name)
+
+
+@pytest.mark.parametrize("case, kind, words", [
+    ("directory-loop", OSError, "the checkpoint directory {d} is a symbolic link loop"),
+    ("weights-loop", OSError, "the weights file {d}/model.safetensors is a symbolic link loop"),
+    ("weights-dangling", FileNotFoundError,
+     "the weights file {d}/model.safetensors is a symbolic link to gone.safetensors, which does not exist"),
+    ("weights-directory", IsADirectoryError, "the weights file {d}/model.safetensors is a directory; expected a file"),
+    ("weights-fifo", OSError, "the weights file {d}/model.safetensors is not a regular file (mode prw"),
+    ("config-loop", OSError, "the checkpoint's config {d}/config.json is a symbolic link loop"),
+    ("index-loop", OSError, "the shard index {d}/model.safetensors.index.json is a symbolic link loop"),
+    ("shard-loop", OSError, "the shard {d}/s2.safetensors is a symbolic link loop"),
+    ("through-a-file", NotADirectoryError, "the checkpoint directory {d}/config.json/sub cannot be reached: a "
+                                           "component of the path is a file"),
+])
+def test_unreadable_paths_are_named_not_reported_missing(tmp_path, case, kind, words):
+    d = _ckpt(tmp_path)
+    target = {"directory-loop": tmp_path / "looped", "through-a-file": d / "config.json" / "sub"}.get(case)
+    if case == "directory-loop":
+        _loop(target)
+        d = target
+    elif case.startswith("weights-"):
+        w = d / "model.safetensors"
+        w.unlink()
+        {"loop": lambda: _loop(w), "dangling": lambda: w.symlink_to("gone.safetensors"), "directory": w.mkdir,
+         "fifo": lambda: os.mkfifo(w)}[case.split("-")[1]]()
+    elif case == "config-loop":
+        _loop(d / "config.json")
+    elif case in ("index-loop", "shard-loop"):
+        a, b = _halves()
+        d = _sharded(tmp_path, {"s1.safetensors": a, "s2.safetensors": b})
+        _loop(d / ("model.safetensors.index.json" if case == "index-loop" else "s2.safetensors"))
+    with pytest.raises(kind) as e:
+        SambaYForCausalLM.from_pretrained(target or d)
+    assert words.format(d=d) in str(e.value)
+    assert "no such" not in str(e.value) and "no model.safetensors" not in str(e.value)
+
+
+def test_a_generation_config_that_cannot_be_read_is_not_skipped(tmp_path):
+    from sambay.lm import read_generation_config
+
+    _loop(tmp_path / "generation_config.json")
+    with pytest.raises(OSError, match="generation config .*generation_config.json is a symbolic link loop"):
+        read_generation_config(tmp_path)
+    assert read_generation_config(tmp_path / "elsewhere") == {}  # none at all: the defaults
+
+
+def test_saving_into_a_symlink_loop_names_it(tmp_path):
+    from helpers import random_model
+
+    _loop(tmp_path / "out")
+    with pytest.raises(OSError, match="directory: .*out is a symbolic link loop"):
+        random_model().save_pretrained(tmp_path / "out")
+
+
+@contextlib.contextmanager
+def _unprivileged():
+    """Run the block as uid/gid 65534 when the tests run as root (root may read anything); restored after."""
+    if os.geteuid() != 0:
+        yield
+        return
+    os.setegid(65534)
+    os.seteuid(65534)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+        os.setegid(0)
+
+
+@pytest.mark.parametrize("what, mode, words", [
+    ("model.safetensors", 0o600, r"the weights file {d}/model.safetensors cannot be read: permission denied \(mode "
+                                 r"-rw-------, owner uid \d+; expected read permission\)"),
+    ("config.json", 0o200, r"the checkpoint's config {d}/config.json cannot be read: permission denied \(mode "
+                           r"--w-------"),
+    (".", 0o744, r"the checkpoint directory {d} cannot be read: permission denied \(mode drwxr--r--, owner uid "
+                 r"\d+; expected read and search permission\)"),
+    ("sub", 0o700, r"the checkpoint directory {d} cannot be read: permission denied \(to search a "
+                   r"directory above it\)"),
+])
+def test_paths_without_permission_are_named(tmp_path, what, mode, words):
+    opened = [p for p in (tmp_path, *tmp_path.parents)  # pytest's temporary directories are private to their owner
+              if str(p).startswith("/tmp/") and p.owner() == tmp_path.owner() and p.stat().st_mode & 0o005 != 0o005]
+    modes = {p: p.stat().st_mode for p in opened}
+    base = tmp_path / "sub" if what == "sub" else tmp_path
+    try:
+        for p in opened:
+            p.chmod(p.stat().st_mode | 0o005)
+        base.mkdir(exist_ok=True)
+        base.chmod(0o755)
+        d = _ckpt(base)
+        (base if what == "sub" else d / what).chmod(mode)
+        with _unprivileged(), pytest.raises(PermissionError) as e:
+            SambaYForCausalLM.from_pretrained(d)
+    finally:
+        base.chmod(0o755)
+        for p, m in modes.items():
+            p.chmod(m)
+    assert re.search(words.format(d=re.escape(str(d))), str(e.value)), str(e.value)
 
 
 @pytest.mark.parametrize("dtype, kind, words", [
