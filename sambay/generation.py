@@ -64,7 +64,20 @@ class GenerateOutput:
     sequences: torch.Tensor
     scores: tuple[torch.Tensor, ...] | None = None
     logits: tuple[torch.Tensor, ...] | None = None
-    past_key_values: SambaYCache | None = None
+    cache: SambaYCache | None = None
+
+    @property
+    def past_key_values(self) -> SambaYCache | None:
+        """The older name of ``cache``."""
+        return self.cache
+
+
+def with_cache(output_cls, cache, **fields):
+    """``output_cls(**fields)`` with ``cache`` under the name that transformers output class declares: ``cache``
+    in transformers 5.2x (where building or reading the old ``past_key_values`` logs a deprecation line),
+    ``past_key_values`` before."""
+    declared = getattr(output_cls, "__dataclass_fields__", {})
+    return output_cls(**fields, **{"cache" if "cache" in declared else "past_key_values": cache})
 
 
 # ---- argument resolution and validation --------------------------------------------------------------------
@@ -426,8 +439,8 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
         from transformers.generation.utils import GenerateDecoderOnlyOutput as Output
     except ImportError:
         Output = GenerateOutput
-    return Output(sequences=sequences, scores=tuple(scores_out) if want_scores else None,
-                  logits=tuple(logits_out) if want_logits else None, past_key_values=cache)
+    return with_cache(Output, cache, sequences=sequences, scores=tuple(scores_out) if want_scores else None,
+                      logits=tuple(logits_out) if want_logits else None)
 
 
 class SambaYGenerationMixin:

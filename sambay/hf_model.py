@@ -19,7 +19,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from sambay import hf
 from sambay.config import SambaYConfig
-from sambay.generation import SambaYGenerationMixin
+from sambay.generation import SambaYGenerationMixin, with_cache
 from sambay.hf import Phi4FlashConfig
 from sambay.lm import CausalLMMixin, read_generation_config
 from sambay.model import SambaYForCausalLM
@@ -58,8 +58,9 @@ def _one_device(device_map):
 
 class Phi4FlashForCausalLM(CausalLMMixin, SambaYGenerationMixin, PreTrainedModel):
     """sambay's causal LM as a transformers ``PreTrainedModel`` (config: :class:`sambay.hf.Phi4FlashConfig`).
-    forward takes sambay's arguments plus transformers' plumbing and returns a ``CausalLMOutputWithPast``
-    (``past_key_values`` is the SambaYCache)."""
+    forward takes sambay's arguments plus transformers' plumbing and returns a ``CausalLMOutputWithPast`` whose
+    ``cache`` (``past_key_values`` before transformers 5.2x) is the SambaYCache. The cache argument is ``cache``, as
+    in transformers 5; ``past_key_values``, the name older callers pass, is accepted too, without a warning."""
 
     config_class = Phi4FlashConfig
     base_model_prefix = "model"
@@ -89,8 +90,8 @@ class Phi4FlashForCausalLM(CausalLMMixin, SambaYGenerationMixin, PreTrainedModel
         out = super().forward(input_ids, attention_mask, cache, labels, logits_to_keep, static, inputs_embeds,
                               output_hidden_states, use_cache, past_key_values, output_attentions, return_dict,
                               **unset)
-        return CausalLMOutputWithPast(loss=out.loss, logits=out.logits, past_key_values=out.cache,
-                                      hidden_states=out.hidden_states)
+        return with_cache(CausalLMOutputWithPast, out.cache, loss=out.loss, logits=out.logits,
+                          hidden_states=out.hidden_states)
 
     def tie_weights(self, *args, **kwargs) -> None:
         if self.config.tie_word_embeddings and isinstance(self.lm_head, torch.nn.Linear):  # quantized: a copy

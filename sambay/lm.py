@@ -107,8 +107,8 @@ class CausalLMMixin:
                 return_dict: bool | None = None, **unset) -> CausalLMOutput:
         """Args:
             input_ids: (B, T); or inputs_embeds: (B, T, C) in the model dtype (exactly one of the two).
-            attention_mask: see SambaYModel.forward; cache (or its transformers name past_key_values): a
-                SambaYCache to continue from and update, or None.
+            attention_mask: see SambaYModel.forward; cache: a SambaYCache to continue from and update, or None
+                (``past_key_values``, its name before transformers 5, is accepted too).
             labels: (B, T) targets aligned with the inputs (shifted inside; -100 and padded positions are
                 ignored). Needs logits for every position (logits_to_keep=0).
             logits_to_keep: return logits for the last k positions only (0 = all).

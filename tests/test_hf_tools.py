@@ -4,11 +4,15 @@ arguments they use (inputs_embeds, output_hidden_states, use_cache), resizing an
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -23,6 +27,35 @@ from sambay import hf  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _prints_no_warning(capfd, request):
+    """Normal use with the tools prints no warning: transformers' log records at WARNING and above (its once-only
+    warnings re-armed for every test), Python warnings, and lines on stderr that warn or announce a deprecation.
+    A test marked ``allowed_warnings(text, ...)`` may print those texts (each says why)."""
+    marker = request.node.get_closest_marker("allowed_warnings")
+    allowed = marker.args if marker else ()
+    transformers.utils.logging.warning_once.cache_clear()
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    root = logging.getLogger("transformers")
+    root.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+    finally:
+        root.removeHandler(handler)
+    err = capfd.readouterr().err
+    def unexpected(texts):
+        return [t for t in texts if not any(a in t for a in allowed)]
+
+    noisy = unexpected(line for line in err.splitlines() if re.search(r"warn|deprecat", line, re.IGNORECASE))
+    assert not unexpected(r.getMessage() for r in records)
+    assert not unexpected(f"{w.category.__name__}: {w.message} ({w.filename}:{w.lineno})" for w in caught)
+    assert not noisy, noisy
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -124,10 +157,13 @@ class _Rows(torch.utils.data.Dataset):
 
 
 def _trainer(model, out_dir, checkpointing: bool):
+    # transformers 5.2x renamed the argument (the old name still works, with a FutureWarning)
+    fields = {f.name for f in dataclasses.fields(transformers.TrainingArguments)}
+    name = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
     args = transformers.TrainingArguments(output_dir=str(out_dir), per_device_train_batch_size=4, max_steps=2,
                                           learning_rate=1e-2, report_to=[], save_strategy="no", use_cpu=True,
-                                          gradient_checkpointing=checkpointing, logging_strategy="no",
-                                          dataloader_num_workers=0, seed=0)
+                                          logging_strategy="no", dataloader_num_workers=0, seed=0,
+                                          **{name: checkpointing})
     return transformers.Trainer(model=model, args=args, train_dataset=_Rows())
 
 
@@ -231,6 +267,8 @@ def test_peft_adapter_records_its_base_model(ckpt, tmp_path):
         assert torch.equal(again(input_ids=ids).logits, model(input_ids=ids).logits)
 
 
+# transformers' own notice about its default (mean_resizing=True), printed for every model it resizes
+@pytest.mark.allowed_warnings("The new embeddings will be initialized from a multivariate normal distribution")
 def test_resize_token_embeddings_then_save_loads(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(FIXTURES / "tiny8")
     model.resize_token_embeddings(300)
@@ -277,8 +315,17 @@ def test_use_cache_is_honest():
         model(ids, cache=cache, use_cache=False)
     hf_model = AutoModelForCausalLM.from_pretrained(FIXTURES / "tiny8")
     with torch.no_grad():
-        out = hf_model(input_ids=ids, past_key_values=cache)
-    assert out.past_key_values is cache and cache.length == ids.shape[1]
+        out = hf_model(input_ids=ids, past_key_values=cache)  # the older name: accepted, without a warning
+        assert _cache_of(out) is cache and cache.length == ids.shape[1]
+        cache.reset()
+        out = hf_model(input_ids=ids, cache=cache)  # transformers 5's name
+    assert _cache_of(out) is cache and cache.length == ids.shape[1]
+
+
+def _cache_of(out):
+    """The output's cache under the name its class declares (``cache`` from transformers 5.2x; reading the older
+    ``past_key_values`` there logs transformers' own deprecation line)."""
+    return out.cache if "cache" in type(out).__dataclass_fields__ else out.past_key_values
 
 
 def test_checkpoint_copy_without_tokenizer_still_loads(tmp_path, ckpt):
