@@ -291,6 +291,20 @@ class SambaYCache:
             raise CacheError(f"cache overflow: {self.length} tokens cached + {new_tokens} new > max_length="
                              f"{self.max_length}; allocate a larger cache")
 
+    def check_static_room(self) -> None:
+        """The static step's overflow check, run where it costs no host sync: when the length is known in Python
+        (the mirror: the first static step after a prefill, ``seek`` or ``reset``) or the position lives on the
+        CPU (reading it is a memory read, not a sync). After a static step on an accelerator the position exists
+        on the device only: reading it would sync every step, so there the check is left to ``generate`` (once
+        per call, from its known lengths) and the write past the end stays the device's error."""
+        length = self._length
+        if length is None and self.pos.device.type == "cpu":
+            length = int(self.pos)
+        if length is not None and length >= self.max_length:
+            raise CacheError(f"cache overflow: the static decode step would write position {length}, past the end "
+                             f"of the SambaYCache (max_length={self.max_length}: every position is written); "
+                             f"allocate a larger one with allocate_cache(batch_size, max_length), or reset() it")
+
     def begin(self, T: int, new_valid: torch.Tensor | None = None, padded: bool = False) -> torch.Tensor | None:
         """Start a call of T new tokens at position ``length``: record which are real tokens and mark the cache
         in flight (invalid until ``advance``). new_valid: (B, T) bool, or None when all are real; padded: whether

@@ -47,6 +47,7 @@ class _Reporting:
 
     def __call__(self, token: torch.Tensor, cache: SambaYCache) -> torch.Tensor:
         key = (cache.batch_size, cache.max_length, cache.dtype, cache.device)
+        cache.check_static_room()  # host code: free where the length is known here (see SambaYCache)
         if cache.device.type == "cuda":
             for t in cache.tensors():  # CUDA graphs may then write the cache in place
                 torch._dynamo.mark_static_address(t)

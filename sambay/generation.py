@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from sambay.cache import SambaYCache
+from sambay.cache import CacheError, SambaYCache
 
 # Values used when neither the call, the generation_config nor the model's generation_config sets one
 # (transformers' global defaults, except max_new_tokens=20 where transformers has max_length=20).
@@ -216,6 +216,18 @@ def decode_one_token(model, token: torch.Tensor, cache: SambaYCache, static: boo
     return model(token[:, None], cache=cache, logits_to_keep=1, static=static).logits[:, -1]
 
 
+def check_cache_room(cache: SambaYCache, prompt: int, max_new: int) -> None:
+    """Once per generate call, from lengths known in Python: the positions the call writes (the prompt, then one
+    per generated token but the last, which is not fed back) fit ``cache``. The compiled decode step on a GPU
+    cannot check it per step without a host sync."""
+    need = prompt + max_new - 1 if max_new > 0 else 0
+    if need > cache.max_length:
+        raise CacheError(f"cache: this generate call writes {need} positions (a prompt of {prompt} and "
+                         f"max_new_tokens={max_new}, the last token not fed back), but the SambaYCache passed holds "
+                         f"max_length={cache.max_length}; allocate one with allocate_cache({cache.batch_size}, "
+                         f"{need}) or ask for fewer tokens")
+
+
 def _emit(streamer: Any, tokens: torch.Tensor) -> None:
     if hasattr(streamer, "put"):
         streamer.put(tokens.cpu())
@@ -337,6 +349,7 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
             length = P + max_new if not compile else -(-(P + max_new) // 256) * 256
             cache = model.allocate_cache(B, length, device=device)
         else:
+            check_cache_room(cache, P, max_new)
             cache.reset()
     elif cache is not None:
         raise ValueError("use_cache=False contradicts the cache passed; drop one of the two")

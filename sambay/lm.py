@@ -75,15 +75,50 @@ def _undumpable(cache):
                     "sambay.compiled.export_decode_step, whose cache tensors are inputs")
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                   ignore_index: int = -100) -> torch.Tensor:
-    """Mean next-token cross-entropy over real target tokens (fp32, fp64 for fp64). logits (B, T, V), labels (B, T)."""
+def loss_targets(labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 ignore_index: int = -100) -> torch.Tensor:
+    """The next-token targets (B, T-1) of labels (B, T): shifted by one, padded positions set to ``ignore_index``."""
     target = labels[:, 1:]
     if attention_mask is not None:
         target = target.masked_fill(attention_mask[:, -labels.shape[1]:][:, 1:] == 0, ignore_index)
+    return target
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                   ignore_index: int = -100) -> torch.Tensor:
+    """Mean next-token cross-entropy over real target tokens (fp32, fp64 for fp64). logits (B, T, V), labels (B, T)."""
+    target = loss_targets(labels, attention_mask, ignore_index)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), target.reshape(-1),
                            ignore_index=ignore_index)
+
+
+def _mask_covers(attention_mask, labels: torch.Tensor) -> bool:
+    """Whether ``attention_mask`` is None or a (B, >= T) tensor that loss_targets can align with labels (B, T)."""
+    return attention_mask is None or (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2
+                                      and attention_mask.shape[0] == labels.shape[0]
+                                      and attention_mask.shape[1] >= labels.shape[1])
+
+
+def check_label_range(labels: torch.Tensor, attention_mask: torch.Tensor | None, vocab_size: int,
+                      ignore_index: int = -100) -> None:
+    """Raise a ValueError naming ``labels``, the first out-of-range target, its position and the vocabulary size
+    unless every target the loss reads (see ``loss_targets``) is in [0, vocab_size) or ``ignore_index``.
+
+    Without it an out-of-range target is torch's "IndexError: Target 300 is out of bounds." on a CPU and a
+    device-side assert (which ends the CUDA context) on a GPU. Its cost: one pass over the (B, T) labels and, on an
+    accelerator, one host sync per forward with labels, placed before the forward is queued, where the input_ids
+    range check that follows syncs anyway (so it waits for no model work); never in decoding (no labels)."""
+    target = loss_targets(labels, attention_mask, ignore_index)
+    bad = (target != ignore_index) & ((target < 0) | (target >= vocab_size))
+    if not bool(bad.any()):
+        return
+    where = bad.nonzero()
+    b, t = (int(i) for i in where[0])
+    values = target[bad]
+    raise ValueError(f"labels: expected token ids in [0, vocab_size={vocab_size}) or {ignore_index} (ignored), got "
+                     f"{int(target[b, t])} at labels[{b}, {t + 1}] ({len(where)} target(s) out of range, from "
+                     f"{int(values.min())} to {int(values.max())})")
 
 
 def _offloaded_checkpoint(function, *args, device_type: str, **kwargs):
@@ -151,6 +186,9 @@ class CausalLMMixin:
                                  f"batch and tokens; -100 = ignored), got {got}")
         if labels is not None and x is not None and logits_to_keep not in (0, x.shape[1]):
             raise ValueError(f"labels need logits at every position: expected logits_to_keep=0, got {logits_to_keep}")
+        if labels is not None and isinstance(x, torch.Tensor) and _mask_covers(attention_mask, labels) \
+                and not torch.compiler.is_compiling():  # (a malformed mask: the model's error, below)
+            check_label_range(labels, attention_mask, self.lm_head.out_features)
         output_hidden_states = bool(output_hidden_states)
         out = self.model(input_ids, attention_mask, cache, logits_to_keep, static, inputs_embeds=inputs_embeds,
                          output_hidden_states=output_hidden_states)

@@ -264,7 +264,9 @@ class SambaYModel(nn.Module):
                              f"{'set' if cache is not None else None}, {T} tokens, "
                              f"attention_mask {'set' if attention_mask is not None else None}")
         dtype = self.embed_tokens.weight.dtype
-        cache.check(self.config, B, None, dtype, self.embed_tokens.weight.device)  # overflow: see cache.seek
+        cache.check(self.config, B, None, dtype, self.embed_tokens.weight.device)
+        if not torch.compiler.is_compiling():  # compiled: sambay.compiled checks before the call, outside the graph
+            cache.check_static_room()
         pos = cache.begin_static()
         ring = cache.ring
         sliding, kept = static_plans(pos, None if ring is None else ring.positions(pos), cache.valid, B)

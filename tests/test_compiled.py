@@ -6,6 +6,7 @@ import torch
 from helpers import random_model
 from torch._dynamo.utils import counters
 
+from sambay.cache import CacheError
 from sambay.compiled import decode_step, export_decode_step
 
 
@@ -114,3 +115,25 @@ def test_generate_compiled_equals_generate(model):
         out = model.generate(ids, attention_mask=mask, max_new_tokens=9, compile="aot_eager")
         assert torch.equal(out, ref)
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_the_compiled_step_past_the_end_of_the_cache_names_it(model):
+    """The compiled step checks the capacity before each call, in Python, without a sync (the CPU position is
+    read directly): the step that would write position max_length is a CacheError, not an IndexError from
+    index_copy_."""
+    step = decode_step(model, backend="aot_eager", report=False)
+    cache = model.allocate_cache(1, 5)
+    model(torch.randint(0, 64, (1, 3)), cache=cache)
+    token = torch.tensor([7])
+    for _ in range(2):
+        step(token, cache)
+    with pytest.raises(CacheError, match=r"cache overflow: the static decode step would write position 5, past the "
+                                         r"end of the SambaYCache \(max_length=5"):
+        step(token, cache)
+    assert cache.length == 5
+    with pytest.raises(CacheError, match=r"cache: this generate call writes 7 positions \(a prompt of 3 and "
+                                         r"max_new_tokens=5, the last token not fed back\), but the SambaYCache passed "
+                                         r"holds max_length=5; allocate one with allocate_cache\(1, 7\)"):
+        model.generate(torch.randint(0, 64, (1, 3)), max_new_tokens=5, cache=cache, compile="aot_eager")

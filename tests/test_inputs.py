@@ -197,3 +197,63 @@ def test_static_steps_keep_length_in_step_with_pos(model):
 def test_bad_labels_are_named(model, labels):
     with pytest.raises(ValueError, match=r"labels: expected an integer tensor of shape \(1, 3\)"):
         model(_ids(1, 3), labels=labels)
+
+
+@pytest.mark.parametrize("value", [64, 300, -1, -99, -101])
+def test_labels_outside_the_vocabulary_are_named(model, value):
+    """-100 is the ignore index; any other id outside [0, vocab_size) is a ValueError naming labels, the value, where
+    it is and the vocabulary size (torch's own error names neither: "IndexError: Target 300 is out of bounds")."""
+    ids = _ids(2, 5)
+    labels = ids.clone()
+    labels[0, 2] = -100
+    labels[1, 3] = value
+    words = (rf"labels: expected token ids in \[0, vocab_size=64\) or -100 \(ignored\), got {value} at labels\[1, 3\] "
+             rf"\(1 target\(s\) out of range")
+    with pytest.raises(ValueError, match=words):
+        model(ids, labels=labels)
+    with pytest.raises(ValueError, match=words):  # the transformers spelling of the same call
+        model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels)
+
+
+def test_labels_the_loss_does_not_read_are_not_checked(model):
+    """The first column is never a target, and padded positions are ignored by the loss: an id there is not an
+    error (the loss equals the one with those labels replaced by -100)."""
+    ids = _ids(2, 5)
+    labels, mask = ids.clone(), torch.ones_like(ids)
+    mask[1, :2] = 0  # left padding
+    labels[:, 0] = 1000
+    labels[1, 1] = 1000
+    with torch.no_grad():
+        loss = model(ids, attention_mask=mask, labels=labels).loss
+        clean = labels.clone()
+        clean[:, 0] = clean[1, 1] = -100
+        assert torch.equal(loss, model(ids, attention_mask=mask, labels=clean).loss)
+
+
+def test_the_static_step_past_the_end_of_the_cache_names_it(model):
+    """Checked where it costs no host sync: the mirror of the length right after a prefill, and the position
+    itself on the CPU after static steps (the error names the cache and its capacity, not index_copy_'s index)."""
+    words = r"cache overflow: the static decode step would write position 6, past the end of the SambaYCache " \
+            r"\(max_length=6"
+    with torch.no_grad():
+        full = model.allocate_cache(1, 6)
+        model(_ids(1, 6), cache=full)  # full after the prefill: the mirror knows
+        with pytest.raises(CacheError, match=words):
+            model(_ids(1, 1), cache=full, static=True)
+        cache = model.allocate_cache(1, 6)
+        model(_ids(1, 4), cache=cache)
+        for _ in range(2):  # positions 4 and 5; then the mirror is stale and the position is read on the CPU
+            model(_ids(1, 1), cache=cache, static=True)
+        with pytest.raises(CacheError, match=words):
+            model(_ids(1, 1), cache=cache, static=True)
+    assert cache.length == 6
+
+
+def test_generate_checks_a_passed_cache_once_before_any_work(model):
+    cache = model.allocate_cache(1, 6)
+    with pytest.raises(CacheError, match=r"cache: this generate call writes 7 positions \(a prompt of 4 and "
+                                         r"max_new_tokens=4, the last token not fed back\), but the SambaYCache passed "
+                                         r"holds max_length=6"):
+        model.generate(_ids(1, 4), max_new_tokens=4, cache=cache)
+    assert cache.length == 0
+    assert model.generate(_ids(1, 4), max_new_tokens=3, cache=cache).shape == (1, 7)  # 6 positions written: fits
