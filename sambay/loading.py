@@ -2,11 +2,12 @@
 or shards with ``model.safetensors.index.json``), with the official key names and no renames.
 
 Loading builds the model on the meta device and assigns each tensor as it is read, so peak memory
-stays close to the checkpoint's size: every header is validated by the official ``safetensors``
-parser (offsets contiguous, non-overlapping and covering the file; shapes matching byte counts;
-known dtypes), then tensors are read with plain file reads straight into their final buffers (no
-memory map, whose touched pages would count a second time while the file is open), converted one at
-a time only when a dtype change is asked for. Each loaded tensor is screened for NaN/inf.
+stays close to the checkpoint's size: every field of every header is checked here first (each error
+naming the file, the tensor and the field: dtype codes, shapes matching byte counts, offsets contiguous,
+non-overlapping and covering the file), then by the official ``safetensors`` parser; then tensors are
+read with plain file reads straight into their final buffers (no memory map, whose touched pages would
+count a second time while the file is open), converted one at a time only when a dtype change is asked for.
+Each loaded tensor is screened for NaN/inf.
 
 Quantized weights (:mod:`sambay.quant`): a checkpoint whose config.json has sambay's ``quantization_config``
 builds QuantLinear modules and reads their buffers (``<module>.qweight``, ``.scales``, ``.mins``) exactly as
