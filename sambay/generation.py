@@ -74,8 +74,8 @@ class GenerateOutput:
 
 def with_cache(output_cls, cache, **fields):
     """``output_cls(**fields)`` with ``cache`` under the name that transformers output class declares: ``cache``
-    in transformers 5.2x (where building or reading the old ``past_key_values`` logs a deprecation line),
-    ``past_key_values`` before."""
+    in current transformers 5 (5.24 and 5.25 log "past_key_values/cache_params are deprecated" when an output is
+    built, or read, with the old name), ``past_key_values`` in older versions."""
     declared = getattr(output_cls, "__dataclass_fields__", {})
     return output_cls(**fields, **{"cache" if "cache" in declared else "past_key_values": cache})
 

@@ -59,8 +59,9 @@ def _one_device(device_map):
 class Phi4FlashForCausalLM(CausalLMMixin, SambaYGenerationMixin, PreTrainedModel):
     """sambay's causal LM as a transformers ``PreTrainedModel`` (config: :class:`sambay.hf.Phi4FlashConfig`).
     forward takes sambay's arguments plus transformers' plumbing and returns a ``CausalLMOutputWithPast`` whose
-    ``cache`` (``past_key_values`` before transformers 5.2x) is the SambaYCache. The cache argument is ``cache``, as
-    in transformers 5; ``past_key_values``, the name older callers pass, is accepted too, without a warning."""
+    cache field (``cache`` in current transformers 5, ``past_key_values`` in older versions) is the SambaYCache.
+    The cache argument is ``cache``, as in current transformers; ``past_key_values``, the name older callers pass,
+    is accepted too, without a warning."""
 
     config_class = Phi4FlashConfig
     base_model_prefix = "model"

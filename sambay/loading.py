@@ -173,8 +173,9 @@ def _check_entry(path, name: str, info, exact: dict[str, str] | None) -> tuple[i
                               f"0 <= begin <= end (bytes from the start of the data)")
     need_bits = math.prod(shape) * _FORMAT_BITS[dtype]
     if need_bits != 8 * (offsets[1] - offsets[0]):
-        raise CheckpointError(f"{where}: shape {shape} of {dtype} needs {need_bits / 8:g} bytes, but data_offsets "
-                              f"{offsets} span {offsets[1] - offsets[0]}")
+        need = need_bits // 8 if need_bits % 8 == 0 else need_bits / 8
+        raise CheckpointError(f"{where}: shape {shape} of {dtype} needs {need} bytes, but data_offsets {offsets} "
+                              f"span {offsets[1] - offsets[0]}")
     return offsets[0], offsets[1]
 
 

@@ -165,7 +165,7 @@ def test_scores_and_logits_equal_the_full_forward_logits(model, prompts):
     out = model.generate(ids, attention_mask=mask, max_new_tokens=6, return_dict_in_generate=True,
                          output_scores=True, output_logits=True)
     assert isinstance(out, transformers.utils.ModelOutput)
-    cache = out.cache if "cache" in type(out).__dataclass_fields__ else out.past_key_values  # renamed in 5.2x
+    cache = out.cache if "cache" in type(out).__dataclass_fields__ else out.past_key_values  # the new name
     assert len(out.scores) == len(out.logits) == 6 and cache.length == 12
     ref, ref_logits = _reference(model, ids, mask, 6)
     assert torch.equal(out.sequences, ref)

@@ -157,7 +157,7 @@ class _Rows(torch.utils.data.Dataset):
 
 
 def _trainer(model, out_dir, checkpointing: bool):
-    # transformers 5.2x renamed the argument (the old name still works, with a FutureWarning)
+    # transformers 5.25 names it activation_checkpointing (the old name still works, with a FutureWarning)
     fields = {f.name for f in dataclasses.fields(transformers.TrainingArguments)}
     name = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
     args = transformers.TrainingArguments(output_dir=str(out_dir), per_device_train_batch_size=4, max_steps=2,
@@ -323,8 +323,8 @@ def test_use_cache_is_honest():
 
 
 def _cache_of(out):
-    """The output's cache under the name its class declares (``cache`` from transformers 5.2x; reading the older
-    ``past_key_values`` there logs transformers' own deprecation line)."""
+    """The output's cache under the name its class declares (``cache`` in current transformers 5, where reading
+    the older ``past_key_values`` logs transformers' own deprecation line)."""
     return out.cache if "cache" in type(out).__dataclass_fields__ else out.past_key_values
 
 
