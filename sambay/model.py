@@ -21,14 +21,16 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from sambay import quant
-from sambay.cache import KeyColumns, SambaYCache
+from sambay.cache import SambaYCache
 from sambay.config import SambaYConfig
 from sambay.generation import SambaYGenerationMixin
 from sambay.kernels.common import f32
-from sambay.layers import GMU, MLP, Attention, AttnCall, CrossAttention, DiffAttentionCore, Mamba
+from sambay.layers import MLP, AttnCall, DiffAttentionCore, Mamba
 from sambay.layers.linear import Linear
 from sambay.lm import CausalLMMixin, CausalLMOutput, causal_lm_loss, read_generation_config
 from sambay.masks import prefix_plan, static_plans, window_plan
+from sambay.roles import ROLES
+from sambay.states import KeyColumns
 
 __all__ = ["Block", "CausalLMOutput", "SambaYForCausalLM", "SambaYModel", "Step", "causal_lm_loss"]
 
@@ -52,57 +54,6 @@ class Step:
         return None if self.cache is None else self.cache.layers[index]
 
 
-# ---- the mixers, one per layer role: (layer, a (B, T, C) normed input, step, its cache state, memory, kv,
-# rows) -> (output (B, rows, C), what the model takes from the layer: the memory, the shared K/V, or None) ----
-def _mamba(layer: Mamba, a, step: Step, state, memory, kv, rows):
-    if state is not None and a.shape[1] == 1:
-        return layer.step(a, state, step.pad)  # (out, memory): memory is None except on the memory layer
-    return layer(a, step.pad, state, fresh=step.fresh)
-
-
-def _sliding_attention(layer: Attention, a, step: Step, state, memory, kv, rows):
-    q, k, v = layer.project(a)
-    if state is not None:
-        k, v = state.update(k, v, step.at)  # the ring's keys as SlidingKV.columns describes them
-    return layer(q, k, v, step.sliding, step.pad), None
-
-
-def _full_attention(layer: Attention, a, step: Step, state, memory, kv, rows):
-    q, k, v = layer.project(a)
-    if state is not None:
-        k, v = state.update(k, v, step.at)  # every position so far
-    # K/V at every position (they are the shared KV cache), the output only at the last ``rows``.
-    return layer(q[:, q.shape[1] - rows:], k, v, step.kept, step.pad_kept), (k, v)
-
-
-def _gmu(layer: GMU, a, step: Step, state, memory, kv, rows):
-    return layer(a, memory), None
-
-
-def _cross_attention(layer: CrossAttention, a, step: Step, state, memory, kv, rows):
-    return layer(a, *kv, step.kept, step.pad_kept), None
-
-
-MIXERS = {"mamba": _mamba, "sliding_attention": _sliding_attention, "full_attention": _full_attention,
-          "gmu": _gmu, "cross_attention": _cross_attention}
-
-
-def _build_mixer(c: SambaYConfig, index: int, kw: dict) -> nn.Module:
-    role = c.layer_types[index]
-    if role == "mamba":
-        return Mamba(c.hidden_size, c.d_inner, c.mamba_d_state, c.mamba_d_conv, c.dt_rank, c.mamba_conv_bias,
-                     c.mamba_proj_bias, memory_producer=index == c.memory_layer, **kw)
-    if role == "gmu":
-        return GMU(c.hidden_size, c.d_inner, **kw)
-    if role == "cross_attention":
-        layer = CrossAttention(c.hidden_size, c.num_attention_heads, c.head_dim, c.lambda_init(index), **kw)
-    else:
-        layer = Attention(c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
-                          c.lambda_init(index), **kw)
-    layer.inner_cross_attn.dropout = c.attention_dropout
-    return layer
-
-
 class Block(nn.Module):
     """LayerNorm -> mixer -> residual -> LayerNorm -> SwiGLU MLP -> residual. The residual stream is
     fp32; each sublayer input is cast to the model dtype first (HF's rounding points)."""
@@ -112,21 +63,24 @@ class Block(nn.Module):
         c, kw = config, {"device": device, "dtype": dtype}
         self.index, self.role = index, c.layer_types[index]
         self.input_layernorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps, **kw)
-        self.attn = _build_mixer(c, index, kw)
+        self.attn = ROLES[self.role].build(c, index, kw)
         self.post_attention_layernorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps, **kw)
         self.mlp = MLP(c.hidden_size, c.intermediate_size, **kw)
         self.resid_dropout = nn.Dropout(c.resid_pdrop)
 
     def forward(self, h: torch.Tensor, step: Step, memory: torch.Tensor | None = None,
-                kv: tuple[torch.Tensor, torch.Tensor] | None = None, rows: int | None = None):
-        """h: (B, T, C) fp32 residual stream -> (h (B, rows, C) fp32, what the mixer exports).
+                kv: tuple[torch.Tensor, torch.Tensor] | None = None, keep: int | None = None):
+        """h: (B, T, C) fp32 residual stream -> (h (B, keep, C) fp32, what the mixer exports).
 
-        memory, kv: the cross-decoder's inputs (GMU, cross-attention). rows: compute the output for the last
-        ``rows`` positions only (the YOCO cut at the shared-KV layer, which still reads all T); default T."""
-        rows = h.shape[1] if rows is None else rows
+        memory, kv: the cross-decoder's inputs (GMU, cross-attention). keep: compute the output for the last
+        ``keep`` positions only (the YOCO cut at the shared-KV layer, which still reads all T); default T.
+        The mixer is called as its role (:data:`sambay.roles.ROLES`) says, with the inputs it names."""
+        keep = h.shape[1] if keep is None else keep
         a = self.input_layernorm(h.to(step.dtype))
-        out, export = MIXERS[self.role](self.attn, a, step, step.state(self.index), memory, kv, rows)
-        h = h[:, h.shape[1] - rows:] + self._drop(out)
+        role = ROLES[self.role]
+        given = {"step": step, "state": step.state(self.index), "memory": memory, "kv": kv, "keep": keep}
+        out, export = role.mix(self.attn, a, **{name: given[name] for name in role.inputs})
+        h = h[:, h.shape[1] - keep:] + self._drop(out)
         return h + self._drop(self.mlp(self.post_attention_layernorm(h.to(step.dtype)))), export
 
     def _drop(self, x: torch.Tensor) -> torch.Tensor:
@@ -179,7 +133,7 @@ class SambaYModel(nn.Module):
         h, memory = self._layer(self.layers[M], h, step, hidden)  # the memory: its ungated scan output
         # The shared-KV layer writes K/V for every position; from its output on, only the kept rows exist.
         # This is the YOCO prefill skip: the cross-decoder keeps no state, so it runs on those rows only.
-        h, kv = self._layer(self.layers[c.kv_layer], h, step, hidden, rows=keep)
+        h, kv = self._layer(self.layers[c.kv_layer], h, step, hidden, keep=keep)
         memory = memory[:, T - keep:]
         # Cross-decoder: stateless GMUs (gated by the memory) and cross-attentions (reading the shared K/V).
         for i in range(c.first_cross_layer, c.num_hidden_layers):
@@ -194,12 +148,12 @@ class SambaYModel(nn.Module):
         hidden[-1] = out
         return out, tuple(hidden)
 
-    def _layer(self, block: Block, h, step: Step, hidden: list | None, memory=None, kv=None, rows=None):
+    def _layer(self, block: Block, h, step: Step, hidden: list | None, memory=None, kv=None, keep=None):
         if (self.gradient_checkpointing and self.training and torch.is_grad_enabled()
                 and block.index % self.checkpoint_every == 0):
-            h, export = self.checkpoint_fn(block, h, step, memory, kv, rows)
+            h, export = self.checkpoint_fn(block, h, step, memory, kv, keep)
         else:
-            h, export = block(h, step, memory, kv, rows)
+            h, export = block(h, step, memory, kv, keep)
         if hidden is not None:
             hidden.append(h.to(step.dtype))
         return h, export
