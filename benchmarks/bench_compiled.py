@@ -6,7 +6,7 @@ decode step, on the scaled CPU config (configs/sambay-scaled-cpu.json: the relea
 steps are interleaved (eager, compiled, eager, ...) and the medians compared. Prints the compile time, the
 per-step medians, the ratio eager/compiled (target >= 1.5 on CPU) and whether the tokens agree.
 
-    python benchmarks/bench_compiled.py [--context 512] [--steps 32] [--threads 2] [--device cpu|cuda]
+    python -m benchmarks.bench_compiled [--context 512] [--steps 32] [--threads 2] [--device cpu|cuda]
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """sambay's CPU decode kernels at a config's shapes: every linear of one decoded token in bf16, int8 and int4, and
 the decode attention over the shared K/V, against the read bandwidth measured in the same run.
 
-    python benchmarks/bench_cpu_kernels.py                          # the released config (~1.5 GB of buffers)
-    python benchmarks/bench_cpu_kernels.py --config configs/sambay-tiny.json --context 64   # a smoke run
+    python -m benchmarks.bench_cpu_kernels                          # the released config (~1.5 GB of buffers)
+    python -m benchmarks.bench_cpu_kernels --config configs/sambay-tiny.json --context 64   # a smoke run
 
 The linears' shapes come from the model itself, built on the meta device (no weights): each distinct (N, K) is
 timed on random weights with one activation row, the call cycling over enough copies of the weight (``--cycle-mib``)
@@ -10,7 +10,7 @@ that none is in cache, as in a decode step where each linear's weight was last r
 call time (the formats interleaved) times the number of linears of that shape sums to the linears' share of one
 token. The decode attention is timed at ``--context`` keys with the shared K/V's shape. The read bandwidth is
 ``bench_real.sum_bandwidth`` (``torch.sum`` over a ``--bandwidth-mib`` fp32 buffer) at the start and at the end;
-the floors use the higher, as in ``bench_real.py``.
+the floors use the higher, as in ``benchmarks.bench_real``.
 Prints GB/s per shape and each format's total as a ratio to its bytes over the bandwidth: near 1, the kernel
 streams at the memory's speed; above it, arithmetic or access patterns bound it. Run it on a quiet machine
 (``--threads``, default 2).
@@ -22,22 +22,15 @@ import argparse
 import collections
 import itertools
 import sys
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from bench_real import sum_bandwidth  # noqa: E402  (this directory is on sys.path when run as a script)
-
-from sambay import SambaYConfig, SambaYForCausalLM  # noqa: E402
-from sambay.bench import load_config  # noqa: E402
-from sambay.bench.timing import interleaved, median  # noqa: E402
-from sambay.kernels.dispatch import cpu_probe  # noqa: E402
-from sambay.kernels.linear import ref as quant_ref  # noqa: E402
-from sambay.layers.linear import Linear  # noqa: E402
+from sambay import SambaYConfig, SambaYForCausalLM
+from sambay.bench import load_config, sum_bandwidth
+from sambay.bench.timing import interleaved, median
+from sambay.kernels.dispatch import cpu_probe
+from sambay.kernels.linear import ref as quant_ref
+from sambay.layers.linear import Linear
 
 
 def linear_shapes(config: SambaYConfig) -> collections.Counter:

@@ -6,9 +6,9 @@ its PyTorch twin, and two masked SDPA calls (one per map, each reading K and V: 
 path does); the bytes the kernel moves beside the ideal (K and V read once, from diff_decode_bytes), the
 bandwidth the ideal bytes imply, and that as a share of a measured device copy (target G5).
 
-    python benchmarks/bench_diff_decode.py             # CUDA: batch 1 and 16, 512 to 32K context
-    python benchmarks/bench_diff_decode.py --quick     # fewer sizes
-    python benchmarks/bench_diff_decode.py --device cpu --quick   # the twin and SDPA only (small sizes)
+    python -m benchmarks.bench_diff_decode             # CUDA: batch 1 and 16, 512 to 32K context
+    python -m benchmarks.bench_diff_decode --quick     # fewer sizes
+    python -m benchmarks.bench_diff_decode --device cpu --quick   # the twin and SDPA only (small sizes)
 
 CUDA timings use ``triton.testing.do_bench`` (median, L2 flushed); CPU timings are wall-clock medians.
 Before timing, each implementation is compared with the twin so a broken kernel is not reported as fast.
@@ -20,12 +20,9 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a checkout without installing
 
 from sambay.kernels import has_triton
 from sambay.kernels.diff_decode import diff_decode, diff_decode_bytes

@@ -1,8 +1,8 @@
 """GPU targets of PERFORMANCE.md (G1, G2, G3, G6) in one short run: the released config in bf16 with random
 weights, against a same-shape ``transformers.Phi3ForCausalLM`` for G3.
 
-    python benchmarks/bench_gpu.py                  # CUDA; a few minutes including start-up
-    python benchmarks/bench_gpu.py --tiny --device cpu   # smoke test of this script on a CPU (tiny model)
+    python -m benchmarks.bench_gpu                  # CUDA; a few minutes including start-up
+    python -m benchmarks.bench_gpu --tiny --device cpu   # smoke test of this script on a CPU (tiny model)
 
 What it measures (medians of interleaved repeats, ``torch.cuda.synchronize`` around each timed block; each
 ratio with a 95% bootstrap interval over the repeats, judged by benchmarks/targets.py: INCONCLUSIVE when the
@@ -37,20 +37,15 @@ import time
 import traceback
 from pathlib import Path
 
-import targets as T  # benchmarks/ is on sys.path when this file runs as a script
 import torch
 
 import sambay.bench as sb
+from benchmarks import targets as T
 from sambay import cache_nbytes
 
 GiB = 2**30
 TINY = Path(__file__).resolve().parents[1] / "configs" / "sambay-tiny.json"
-GPU_TARGETS = {
-    "g1_ratio_to_floor": T.Target("G1", "g1_ratio_to_floor", "<=", 1.4, "decode b1 / bandwidth floor", "N=4096"),
-    "g2_ratio": T.Target("G2", "g2_ratio", "<=", 1.25, "decode b1 at 32K / at 4K", "N=4096, 32768"),
-    "g3_tps_ratio": T.Target("G3", "g3_tps_ratio", ">=", 2.5, "tokens/s b16, sambay/phi3", "batch 16, N=32768"),
-    "g6_graph_speedup": T.Target("G6", "g6_graph_speedup", ">=", 2.0, "CUDA-graph / eager decode b1", "batch 1"),
-}
+GPU_TARGETS = {t.key: t for t in T.of("G")}
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -5,8 +5,8 @@ forward + backward) it prints the median time, the bytes the op must move at lea
 bandwidth, and that bandwidth as a share of a measured device copy (``dst.copy_(src)`` moving the same
 number of bytes). The GMU is a matmul, so it also gets TFLOP/s and a plain ``F.linear`` for scale.
 
-    python benchmarks/bench_kernels.py            # CUDA: >= 16M-element sizes; CPU: small sizes
-    python benchmarks/bench_kernels.py --quick    # fewer sizes, shorter runs (< 1 min on a 2-core CPU)
+    python -m benchmarks.bench_kernels            # CUDA: >= 16M-element sizes; CPU: small sizes
+    python -m benchmarks.bench_kernels --quick    # fewer sizes, shorter runs (< 1 min on a 2-core CPU)
 
 CUDA timings use ``triton.testing.do_bench`` (median, L2 flushed between runs); CPU timings are the
 median of repeated wall-clock runs. The Triton kernels need CUDA; on CPU only the twins are timed.

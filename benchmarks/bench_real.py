@@ -1,8 +1,8 @@
 """Real-size CPU benchmark (issue 13): the released config with random weights in bf16, int8 and int4, against a
 Phi-4-mini-shaped ``transformers.Phi3ForCausalLM`` in bf16, batch 1, each model in its own process.
 
-    python benchmarks/bench_real.py                       # the released config: ~16 GB of RAM, the whole CPU
-    python benchmarks/bench_real.py --config sambay-scaled-cpu    # the same measurements at the scaled size
+    python -m benchmarks.bench_real                       # the released config: ~16 GB of RAM, the whole CPU
+    python -m benchmarks.bench_real --config sambay-scaled-cpu    # the same measurements at the scaled size
 
 The random-weight checkpoint is built once (``SambaYForCausalLM(config, dtype=torch.bfloat16)``, then
 ``save_pretrained``) into ``<--cache-dir>/<config name>-bf16`` and reused while it is complete and has the same
@@ -25,7 +25,7 @@ random state of n - 256 positions (``sambay.bench.measure.prefill_chunk_seconds`
 spans as the end of a full prefill, in seconds instead of minutes. With ``--prefill-chunk 0`` whole prompts are
 prefilled, and the lengths after the first run last, in a second process per model, within ``--budget-s`` (0: no limit,
 and every length runs in the first process): skipped when the time predicted from the first length does not fit,
-stopped when the budget runs out. Prints a table of every measurement, the ratios, the targets R1-R6 (PASS/FAIL at
+stopped when the budget runs out. Prints a table of every measurement, the ratios, the targets R1-R6 (PASS/MISSED at
 the released size and the sizes they name, NOT AT TARGET SIZE otherwise), and writes every number to ``--out``.
 """
 
@@ -42,7 +42,6 @@ import json
 import operator
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -51,9 +50,12 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # this checkout's sambay, here and in the workers (PYTHONPATH), not another install
-    sys.path.insert(0, str(ROOT))
+from benchmarks import targets as T
+from sambay.bench.measure import bandwidth
+from sambay.bench.workers import WAIT_POLICIES, peak_rss
+from sambay.bench.workers import run_worker as _run_worker
+from sambay.bench.workers import write_result as _write_json
+
 RELEASED = "phi4-mini-flash-reasoning"
 VARIANTS = ("bf16", "int8", "int4", "phi3")
 QUANTIZE = {"bf16": None, "int8": "int8", "int4": "int4"}
@@ -68,44 +70,8 @@ END_RESERVE_S = 15.0  # what the run needs after the last prefill (the second ba
 
 
 # ------------------------------------------------------------------------------------------------ the workers
-def peak_rss() -> int:
-    """VmHWM in bytes (ru_maxrss would carry the parent's peak over fork+exec on Linux)."""
-    with open("/proc/self/status") as f:
-        return next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("VmHWM:"))
-
-
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def bandwidth(mib: int, repeats: int = 5) -> dict:
-    """Read bandwidth: the median of ``repeats`` ``torch.sum`` over a ``mib`` MiB fp32 buffer, and (a second
-    method) a bf16 matrix-vector product over a ``mib / 2`` MiB weight matrix, as a decode step's matmuls do.
-    One buffer at a time."""
-    return {"sum_fp32": sum_bandwidth(mib, repeats), "gemv_bf16": _gemv_bandwidth(mib // 2, repeats)}
-
-
-def sum_bandwidth(mib: int, repeats: int = 5) -> dict:
-    """The median of ``repeats`` ``torch.sum`` over a ``mib`` MiB fp32 buffer (also used by bench_cpu_kernels.py)."""
-    buf = torch.ones(mib * 2**20 // 4)
-    buf.sum()
-    return _timed(lambda: buf.sum(), buf.numel() * 4, repeats)
-
-
-def _gemv_bandwidth(mib: int, repeats: int, k: int = 4096) -> dict:
-    w = torch.full((max(1, mib * 2**20 // (2 * k)), k), 0.01, dtype=torch.bfloat16)
-    x = torch.ones(1, k, dtype=torch.bfloat16)
-    torch.nn.functional.linear(x, w)
-    return _timed(lambda: torch.nn.functional.linear(x, w), w.numel() * 2, repeats)
-
-
-def _timed(fn, nbytes: int, repeats: int) -> dict:
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t0)
-    return {"bytes": nbytes, "samples_s": samples, "gb_per_s": nbytes / statistics.median(samples) / 1e9}
 
 
 def weight_bytes_per_token(model: torch.nn.Module) -> dict:
@@ -308,48 +274,10 @@ def worker(spec_path: str) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ the parent
-def _write_json(path: Path, obj) -> None:
-    """Atomically (a worker's result is read after it exits, maybe killed midway), without NaN/inf."""
-    from sambay.bench.command import write_json
-
-    tmp = path.with_name(path.name + ".tmp")
-    write_json(tmp, obj)
-    os.replace(tmp, path)
-
-
 def run_worker(spec: dict, label: str, tmp: Path, start: float, timeout: float | None = None) -> dict:
-    """``spec`` in a fresh process of this script, killed after ``timeout`` seconds; its result dict (partial if
-    it died or was stopped: status "stopped"), with the exit code and wall time."""
-    n = len(list(tmp.glob("spec-*.json")))
-    spec_path, result_path = tmp / f"spec-{n}.json", tmp / f"result-{n}.json"
-    spec_path.write_text(json.dumps({**spec, "result": str(result_path)}))
-    env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"])}
-    if spec.get("omp_wait_policy"):
-        env["OMP_WAIT_POLICY"] = spec["omp_wait_policy"]
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)  # this sambay
-    log(f"[{time.perf_counter() - start:6.1f}s] {label} ...")
-    t0 = time.perf_counter()
-    stopped = False
-    try:
-        rc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", str(spec_path)], env=env,
-                            timeout=timeout, check=False).returncode
-    except subprocess.TimeoutExpired:  # subprocess.run has killed it
-        rc, stopped = None, True
-    wall = time.perf_counter() - t0
-    try:
-        result = json.loads(result_path.read_text())
-    except (OSError, ValueError):
-        result = {"status": "error"}
-    if stopped:
-        result.update(status="stopped", reason=f"stopped after {timeout:.0f} s, at the time budget (--budget-s)")
-    elif rc != 0:
-        if result.get("status") in ("ok", "running"):
-            result["status"] = "error"
-        result.setdefault("reason", f"the worker exited with status {rc} (killed for memory if -9; see the log)")
-    result.update(exit_code=rc, wall_s=wall)
-    status = result["status"] + (f": {result['reason']}" if result.get("reason") else "")
-    log(f"[{time.perf_counter() - start:6.1f}s] {label}: {status} (worker {wall:.1f} s)")
-    return result
+    """``spec`` in a worker process of this module (:func:`sambay.bench.run_worker`)."""
+    return _run_worker("benchmarks.bench_real", spec, label, tmp,
+                       lambda msg: log(f"[{time.perf_counter() - start:6.1f}s] {msg}"), timeout)
 
 
 def checkpoint_problem(directory: Path, config: dict) -> str | None:
@@ -426,7 +354,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch threads in every worker")
     p.add_argument("--budget-s", type=float, default=900.0, help="the longer prefills are skipped or stopped "
                    "where they would take the run past this many seconds (0: no limit)")
-    p.add_argument("--omp-wait-policy", choices=("ACTIVE", "PASSIVE", "env"), default="ACTIVE",
+    p.add_argument("--omp-wait-policy", choices=WAIT_POLICIES, default="ACTIVE",
                    help="OMP_WAIT_POLICY for the workers (env: the environment's; unset is OpenMP's spin-then-sleep)")
     p.add_argument("--bandwidth-mib", type=int, default=2048, help="the torch.sum buffer of the bandwidth test")
     p.add_argument("--phi3-shape", choices=("auto", "phi4-mini", "same"), default="auto", help="the baseline's "
@@ -469,7 +397,7 @@ def main(argv=None) -> int:
                 "prefill_chunk": args.prefill_chunk, "phi3_shape": phi3_shape, "batch": 1,
                 "worker_omp_wait_policy": worker_policy}
     torch.set_num_threads(args.threads)  # for the bandwidth measurements, here
-    results = {"script": "benchmarks/bench_real.py", "argv": sys.argv[1:] if argv is None else list(argv),
+    results = {"script": "benchmarks.bench_real", "argv": sys.argv[1:] if argv is None else list(argv),
                "environment": machine("cpu", args.threads), "settings": settings, "models": {}, "workers": []}
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-real-") as tmp:
@@ -614,9 +542,10 @@ OPS = {"<=": operator.le, ">=": operator.ge}
 
 
 def judge(results: dict) -> list[dict]:
-    """R1-R6 (batch 1). Each target has one or two parts (ratio, op, bound); it PASSes when every part does.
-    Measured at other sizes than the ones it names (another config, other contexts/prompts, another baseline
-    shape): NOT AT TARGET SIZE, with what it would be; a part that could not be measured: NOT MEASURED."""
+    """R1-R6 (batch 1), their bounds from benchmarks.targets. Each target has one or two parts (ratio, op, bound);
+    it PASSes when every part does, else it is MISSED. Measured at other sizes than the ones it names (another
+    config, other contexts/prompts, another baseline shape): NOT MEASURED AT TARGET SIZE, with what it would be;
+    a part that could not be measured: NOT MEASURED."""
     s = results["settings"]
     steps = {v: _steps(results, v) for v in VARIANTS}
     ctx = sorted(set().union(*(d.keys() for d in steps.values()))) or [0]
@@ -643,22 +572,23 @@ def judge(results: dict) -> list[dict]:
 
     rows = [
         ("R1", f"sambay bf16 decode step, context {long} / {short}", {"bf16": [short, long]},
-         [(div(step("bf16", long), step("bf16", short)), "<=", 1.15)], {"short": short, "long": long}),
+         [(div(step("bf16", long), step("bf16", short)), "r1_long_over_short")], {"short": short, "long": long}),
         ("R2", f"Phi3 bf16 decode step / sambay bf16, context {long}", {"bf16": [long], "phi3": [long]},
-         [(div(step("phi3", long), step("bf16", long)), ">=", 2.5)], {"long": long}),
+         [(div(step("phi3", long), step("bf16", long)), "r2_phi3_over_bf16")], {"long": long}),
         ("R3", f"sambay bf16 decode step / its floor, context {short}", {"bf16": [short]},
-         [(div(step("bf16", short), floors["bf16"]), "<=", 1.25)], {"short": short}),
+         [(div(step("bf16", short), floors["bf16"]), "r3_bf16_over_floor")], {"short": short}),
         ("R4", f"bf16 step / int8 step, and int8 step / its floor, context {short}", {"bf16": [short], "int8": [short]},
-         [(div(step("bf16", short), step("int8", short)), ">=", 1.8),
-          (div(step("int8", short), floors["int8"]), "<=", 1.3)], {"short": short}),
+         [(div(step("bf16", short), step("int8", short)), "r4_bf16_over_int8"),
+          (div(step("int8", short), floors["int8"]), "r4_int8_over_floor")], {"short": short}),
         ("R5", f"bf16 step / int4 step, and int4 step / its floor, context {short}", {"bf16": [short], "int4": [short]},
-         [(div(step("bf16", short), step("int4", short)), ">=", 3.0),
-          (div(step("int4", short), floors["int4"]), "<=", 1.5)], {"short": short}),
+         [(div(step("bf16", short), step("int4", short)), "r5_bf16_over_int4"),
+          (div(step("int4", short), floors["int4"]), "r5_int4_over_floor")], {"short": short}),
         ("R6", f"prefill tokens/s, sambay bf16 / Phi3, {prompt} tokens", {},
-         [(div(pre["bf16"].get(prompt), pre["phi3"].get(prompt)), ">=", 1.0)], {"prompt": prompt}),
+         [(div(pre["bf16"].get(prompt), pre["phi3"].get(prompt)), "r6_prefill_vs_phi3")], {"prompt": prompt}),
     ]
     out = []
-    for tid, what, needs, parts, at in rows:
+    for tid, what, needs, keyed, at in rows:
+        parts = [(value, T.BY_KEY[key].op, T.BY_KEY[key].bound) for value, key in keyed]
         missing = list(dict.fromkeys(why(v, f"decode at {n}") for v, ns in needs.items() for n in ns
                                      if step(v, n) is None))
         if tid == "R6":
@@ -671,12 +601,8 @@ def judge(results: dict) -> list[dict]:
                 if v != dict(short=SHORT, long=LONG, prompt=PROMPT)[k]]
         if tid in ("R2", "R6") and s["phi3_shape"] != "phi4-mini":
             off.append(f"baseline shape {s['phi3_shape']} (target: phi4-mini)")
-        if missing:
-            verdict = "NOT MEASURED"
-        elif off:
-            verdict = f"NOT AT TARGET SIZE (would {'PASS' if passed else 'FAIL'})"
-        else:
-            verdict = "PASS" if passed else "FAIL"
+        side = T.PASS if passed else T.MISSED
+        verdict = T.NOT_MEASURED if missing else f"{T.NOT_AT_SIZE} (would be {side})" if off else side
         out.append({"id": tid, "what": what, "parts": [{"value": v, "op": op, "bound": b} for v, op, b in parts],
                     "at": at, "passed": passed, "verdict": verdict, "not_measured": missing, "off_size": off})
     return out

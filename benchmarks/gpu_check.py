@@ -1,7 +1,7 @@
 """One command for the next machine with a GPU (A100, H100, H200): does every CUDA path run and agree?
 
     pip install -e ".[test,cuda]"            # wheels; see the README's GPU section
-    python benchmarks/gpu_check.py           # < 5 minutes on an H100/H200; writes gpu_check.json
+    python -m benchmarks.gpu_check           # < 5 minutes on an H100/H200; writes gpu_check.json
 
 Steps (each recorded, a failure in one does not stop the others):
   1. environment: torch/CUDA/GPU, package versions, ``sambay.kernels.active_backends("cuda")`` (which backend
@@ -184,7 +184,7 @@ def compiled_decode(steps: int = 8) -> dict:
 
 def bench(out_dir: Path) -> dict:
     t = time.time()
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--out", str(out_dir)],
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_gpu", "--out", str(out_dir)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
     result = {"ok": proc.returncode == 0, "returncode": proc.returncode, "seconds": time.time() - t,
               "stdout_tail": proc.stdout[-3000:]}

@@ -3,10 +3,10 @@ measured with ``sambay.bench`` at the sizes the targets name, judged by benchmar
 with a 95% interval over its repeats; INCONCLUSIVE after extra repeats when the interval straddles the
 target), plotted by benchmarks/plots.py. A table on stdout; results.json and PNG plots in --out.
 
-    python benchmarks/run.py --quick      # C4 not at its 8K size (reported as such)
-    python benchmarks/run.py              # every target at its size
-    python benchmarks/run.py --check      # exit status: 0 all judged PASS, 1 a MISSED or an error, 3 INCONCLUSIVE
-    python benchmarks/run.py --only c3,c5 # some sections: c1..c7, latency
+    python -m benchmarks.run --quick      # C4 not at its 8K size (reported as such)
+    python -m benchmarks.run              # every target at its size
+    python -m benchmarks.run --check      # exit status: 0 all judged PASS, 1 a MISSED or an error, 3 INCONCLUSIVE
+    python -m benchmarks.run --only c3,c5 # some sections: c1..c7, latency
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ import time  # noqa: E402
 import traceback  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-import plots  # noqa: E402  (benchmarks/ is on sys.path when this file runs as a script)
-import targets as T  # noqa: E402
 import torch  # noqa: E402
 
 import sambay.bench as sb  # noqa: E402
+from benchmarks import plots  # noqa: E402
+from benchmarks import targets as T  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ("c1", "c2", "c3", "c4", "c5", "c6", "c7", "latency")
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     m = Measurements(plan, subjects, log)
     released = sb.decode_state_bytes(sb.load_config("phi4-mini-flash-reasoning"), [4096, 32768, 65536])
     est_fns = estimators(plan, released)
-    keys = [t.key for t in T.TARGETS if est_fns[t.key][0] in sections]
+    keys = [t.key for t in T.of("C") if est_fns[t.key][0] in sections]
     errors: dict = {}
     verdicts = judge_all(keys, est_fns, m, plan["rounds"], log, errors)
     latency = None
@@ -209,7 +209,7 @@ def exit_status(verdicts: dict, errors: dict, check: bool) -> int:
 
 def table(results: dict, args) -> str:
     rows = [("id", "metric", "value [95% interval]", "target", "verdict", "measured at (repeats) / reason")]
-    for t in T.TARGETS:
+    for t in T.of("C"):
         v = results["verdicts"].get(t.key)
         if v is None:
             continue

@@ -1,4 +1,5 @@
-"""The CPU targets of docs/PERFORMANCE.md (C1-C7) and verdicts that noise cannot fake.
+"""Every target of docs/PERFORMANCE.md in one table (C: scaled CPU, R: real-size CPU, G: GPU), and verdicts that
+noise cannot fake. benchmarks.run judges C, benchmarks.bench_real R, benchmarks.bench_gpu G, all in one vocabulary.
 
 Each target is computed from the raw samples of ``sambay.bench`` measurements into an estimate: a value, a
 95% bootstrap interval over the interleaved repeats, the size it was measured at, and any reason it cannot
@@ -6,7 +7,8 @@ pass. The verdict:
   PASS / MISSED   the whole interval is on one side of the bound;
   INCONCLUSIVE    the interval straddles the bound, or the estimate is unfit to judge (a negative slope, a
                   line that does not fit its points): the runner repeats more before giving up;
-  NOT MEASURED AT TARGET SIZE   the measurement exists but not at the size the target names (``--quick``).
+  NOT MEASURED AT TARGET SIZE   the measurement exists but not at the size the target names (``--quick``);
+  NOT MEASURED    not in this run.
 Pure functions of plain dicts: tests/test_bench.py checks them on synthetic numbers.
 """
 
@@ -18,6 +20,7 @@ from dataclasses import dataclass, field
 from sambay.bench import bootstrap, median
 
 PASS, MISSED, INCONCLUSIVE, NOT_AT_SIZE = "PASS", "MISSED", "INCONCLUSIVE", "NOT MEASURED AT TARGET SIZE"
+NOT_MEASURED = "NOT MEASURED"
 MIN_R2 = 0.9  # a C1 line must explain this share of the variance of its medians to be judged
 
 
@@ -47,8 +50,27 @@ TARGETS = [
     Target("C6", "c6_tps_ratio_b8", ">", 1.0, "decode tokens/s, sambay/phi3", "batch 8, N=4096"),
     Target("C7", "c7_peak_rss_ratio", "<=", 1.2, "peak RSS growth / checkpoint bytes, bf16 load",
            "a checkpoint >= 64 MiB (the file, not the interpreter, dominates)"),
+    # real size, batch 1, one value per part (benchmarks.bench_real: the medians of its workers' steps)
+    Target("R1", "r1_long_over_short", "<=", 1.15, "bf16 decode step, long / short context", "512 and 32768"),
+    Target("R2", "r2_phi3_over_bf16", ">=", 2.5, "Phi3 bf16 decode step / sambay bf16", "32768, Phi-4-mini shape"),
+    Target("R3", "r3_bf16_over_floor", "<=", 1.25, "bf16 decode step / its floor", "512"),
+    Target("R4", "r4_bf16_over_int8", ">=", 1.8, "bf16 step / int8 step", "512"),
+    Target("R4", "r4_int8_over_floor", "<=", 1.3, "int8 step / its floor", "512"),
+    Target("R5", "r5_bf16_over_int4", ">=", 3.0, "bf16 step / int4 step", "512"),
+    Target("R5", "r5_int4_over_floor", "<=", 1.5, "int4 step / its floor", "512"),
+    Target("R6", "r6_prefill_vs_phi3", ">=", 1.0, "prefill tokens/s, sambay bf16 / Phi3", "2048, Phi-4-mini shape"),
+    # GPU (benchmarks.bench_gpu)
+    Target("G1", "g1_ratio_to_floor", "<=", 1.4, "decode b1 / bandwidth floor", "N=4096"),
+    Target("G2", "g2_ratio", "<=", 1.25, "decode b1 at 32K / at 4K", "N=4096, 32768"),
+    Target("G3", "g3_tps_ratio", ">=", 2.5, "tokens/s b16, sambay/phi3", "batch 16, N=32768"),
+    Target("G6", "g6_graph_speedup", ">=", 2.0, "CUDA-graph / eager decode b1", "batch 1"),
 ]
 BY_KEY = {t.key: t for t in TARGETS}
+
+
+def of(letter: str) -> list[Target]:
+    """The targets of one family: "C", "R" or "G"."""
+    return [t for t in TARGETS if t.id.startswith(letter)]
 
 
 @dataclass
@@ -65,7 +87,7 @@ class Estimate:
 def judge(target: Target, est: Estimate | None) -> tuple[str, str]:
     """(verdict, reason) of one estimate against its target."""
     if est is None:
-        return "NOT MEASURED", "not measured in this run"
+        return NOT_MEASURED, "not measured in this run"
     if not est.at_target_size:
         return NOT_AT_SIZE, f"the target names {target.size}"
     if est.failures:

@@ -148,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"torch device, e.g. cpu, cuda, cuda:1 (default: {default_device}; cuda when a GPU is "
                         f"available)")
     g.set_defaults(func=_generate)
-    b = sub.add_parser("bench", help="sambay side by side with a same-shape transformer (targets: benchmarks/run.py)")
+    b = sub.add_parser("bench", help="sambay side by side with a same-shape transformer "
+                                     "(targets: python -m benchmarks.run)")
     from sambay.bench import add_arguments
 
     add_arguments(b)

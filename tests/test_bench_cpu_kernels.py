@@ -1,4 +1,4 @@
-"""benchmarks/bench_cpu_kernels.py end to end on the tiny config: it runs, covers every linear shape of the model and
+"""benchmarks.bench_cpu_kernels end to end on the tiny config: it runs, covers every linear shape of the model and
 prints each format's total and the decode attention (no timing asserted)."""
 
 import subprocess
@@ -22,9 +22,9 @@ def test_bench_cpu_kernels_on_the_tiny_config():
     script = ROOT / "benchmarks" / "bench_cpu_kernels.py"
     if not script.is_file():
         pytest.skip("benchmarks/ is not in this checkout")
-    argv = [sys.executable, str(script), "--config", str(TINY), "--context", "64", "--bandwidth-mib", "16",
-            "--repeats", "3", "--threads", "1", "--cycle-mib", "1"]
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
+    argv = [sys.executable, "-m", "benchmarks.bench_cpu_kernels", "--config", str(TINY), "--context", "64",
+            "--bandwidth-mib", "16", "--repeats", "3", "--threads", "1", "--cycle-mib", "1"]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     model = SambaYForCausalLM(SambaYConfig.from_dict(load_config(TINY)), device="meta")

@@ -193,8 +193,8 @@ def _respawn_with_passive_openmp(args: argparse.Namespace) -> int:
         if key in ("func", "command") or value is None or value is False:
             continue
         argv += [f"--{key.replace('_', '-')}"] + ([] if value is True else [str(value)])
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
-    root = str(Path(__file__).resolve().parents[2])  # the child imports this same sambay
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    from sambay.bench.workers import worker_env
+
+    env = worker_env(None, "PASSIVE")  # the child imports this same sambay
     print("sambay bench: running with OMP_WAIT_POLICY=PASSIVE in a child process", file=sys.stderr, flush=True)
     return subprocess.call(argv, env=env)

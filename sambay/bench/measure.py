@@ -7,6 +7,7 @@ import gc
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -249,3 +250,34 @@ def load_peak_rss(config: dict, threads: int = 1) -> dict:
                            f"{proc.stderr[-2000:]}")
     r = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))[len("RESULT "):])
     return {"checkpoint_bytes": size, "rss_growth_bytes": r["peak_rss"] - r["base_rss"], **r}
+
+
+# ------------------------------------------------------------------------------------------ read bandwidth
+def bandwidth(mib: int, repeats: int = 5) -> dict:
+    """Read bandwidth: the median of ``repeats`` ``torch.sum`` over a ``mib`` MiB fp32 buffer, and (a second
+    method) a bf16 matrix-vector product over a ``mib / 2`` MiB weight matrix, as a decode step's matmuls do.
+    One buffer at a time."""
+    return {"sum_fp32": sum_bandwidth(mib, repeats), "gemv_bf16": _gemv_bandwidth(mib // 2, repeats)}
+
+
+def sum_bandwidth(mib: int, repeats: int = 5) -> dict:
+    """The median of ``repeats`` ``torch.sum`` over a ``mib`` MiB fp32 buffer."""
+    buf = torch.ones(mib * 2**20 // 4)
+    buf.sum()
+    return _timed(lambda: buf.sum(), buf.numel() * 4, repeats)
+
+
+def _gemv_bandwidth(mib: int, repeats: int, k: int = 4096) -> dict:
+    w = torch.full((max(1, mib * 2**20 // (2 * k)), k), 0.01, dtype=torch.bfloat16)
+    x = torch.ones(1, k, dtype=torch.bfloat16)
+    torch.nn.functional.linear(x, w)
+    return _timed(lambda: torch.nn.functional.linear(x, w), w.numel() * 2, repeats)
+
+
+def _timed(fn, nbytes: int, repeats: int) -> dict:
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    return {"bytes": nbytes, "samples_s": samples, "gb_per_s": nbytes / statistics.median(samples) / 1e9}
