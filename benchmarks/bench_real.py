@@ -286,7 +286,7 @@ def checkpoint_problem(directory: Path, config: dict) -> str | None:
     import dataclasses
 
     from sambay import SambaYConfig
-    from sambay.loading import CheckpointError, checkpoint_files
+    from sambay.checkpoint import CheckpointError, checkpoint_files
 
     if not (directory / "config.json").is_file():
         return "no config.json"

@@ -2,7 +2,8 @@
 
 from sambay.cache import SambaYCache, cache_nbytes
 from sambay.config import SambaYConfig
-from sambay.model import CausalLMOutput, SambaYForCausalLM, SambaYModel
+from sambay.lm import CausalLMOutput, SambaYForCausalLM
+from sambay.model import SambaYModel
 
 # transformers is optional and heavy: nothing here imports it. sambay.hf.register() makes the Auto classes
 # build sambay's model; checkpoints sambay saves also load with trust_remote_code=True (see sambay.hf).

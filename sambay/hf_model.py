@@ -21,8 +21,7 @@ from sambay import hf
 from sambay.config import SambaYConfig
 from sambay.generation import SambaYGenerationMixin, with_cache
 from sambay.hf import Phi4FlashConfig
-from sambay.lm import CausalLMMixin, read_generation_config
-from sambay.model import SambaYForCausalLM
+from sambay.lm import CausalLMMixin, SambaYForCausalLM, read_generation_config
 
 __all__ = ["Phi4FlashForCausalLM"]
 
@@ -139,7 +138,7 @@ class Phi4FlashForCausalLM(CausalLMMixin, SambaYGenerationMixin, PreTrainedModel
         from sambay.loading import from_pretrained, resolve_checkpoint
 
         directory = resolve_checkpoint(pretrained_model_name_or_path)
-        lm = from_pretrained(directory, dtype=None if dtype == "auto" else dtype, device=device, cls=build,
+        lm = from_pretrained(directory, build, dtype=None if dtype == "auto" else dtype, device=device,
                              quantize=quantize, group_size=group_size)
         model = cls(Phi4FlashConfig.from_sambay(lm.config), sambay_model=lm).eval()
         model.config.name_or_path = model.name_or_path = os.fspath(pretrained_model_name_or_path)  # peft reads it

@@ -1,6 +1,6 @@
-"""The causal-LM head over :class:`~sambay.model.SambaYModel`, written once and shared by sambay's
-``SambaYForCausalLM`` (a plain ``nn.Module``) and the transformers class ``sambay.hf_model.Phi4FlashForCausalLM``
-(a ``PreTrainedModel``): both inherit :class:`CausalLMMixin` (forward, loss, cache, checkpointing, saving) and
+"""The causal LM over :class:`~sambay.model.SambaYModel`: :class:`SambaYForCausalLM` (a plain ``nn.Module``), and the
+surface it shares with the transformers class ``sambay.hf_model.Phi4FlashForCausalLM`` (a ``PreTrainedModel``):
+both inherit :class:`CausalLMMixin` (forward, loss, cache, checkpointing, saving) and
 :class:`sambay.generation.SambaYGenerationMixin` (generate).
 
 A class using the mixin provides ``self.model`` (SambaYModel), ``self.lm_head`` (nn.Linear) and
@@ -9,9 +9,9 @@ A class using the mixin provides ``self.model`` (SambaYModel), ``self.lm_head`` 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +21,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from sambay import quant
 from sambay.cache import SambaYCache
+from sambay.config import SambaYConfig
+from sambay.generation import SambaYGenerationMixin
+from sambay.layers import DiffAttentionCore, Mamba
+from sambay.layers.linear import Linear
+from sambay.model import SambaYModel
 
 # The module that a saved checkpoint's ``auto_map`` names: transformers copies it out of the checkpoint directory
 # and imports it under trust_remote_code=True, so any process with sambay installed loads the checkpoint through
@@ -288,9 +294,6 @@ class CausalLMMixin:
         """Write the released layout (config.json + safetensors, by sambay.loading) plus generation_config.json
         and the auto_map module. ``config``: the SambaYConfig to write; ``state_dict``: weights to save instead of
         this model's own parameters (what Trainer passes)."""
-        from sambay.loading import save_pretrained
-        from sambay.model import SambaYForCausalLM
-
         extra = {k: v for k, v in config.extra.items() if k not in ("auto_map", "transformers_version")}
         extra["auto_map"] = dict(AUTO_MAP)
         if "transformers" in sys.modules:  # a version field would otherwise claim a writer that did not write it
@@ -302,30 +305,21 @@ class CausalLMMixin:
         else:
             shell.load_state_dict(state_dict, strict=True, assign=True)
             shell.tie_weights()
-        save_pretrained(shell, directory, max_shard_size=max_shard_size, check_finite=check_finite)
-        directory = Path(directory)
-        _write_atomic(directory / f"{AUTO_MODULE}.py", _AUTO_MODULE_SOURCE)
-        _write_atomic(directory / GENERATION_CONFIG, json.dumps(generation_config, indent=2, sort_keys=True) + "\n")
+        from sambay import loading  # the file modules import safetensors: on first use only
+
+        files = {f"{AUTO_MODULE}.py": _AUTO_MODULE_SOURCE,
+                 GENERATION_CONFIG: json.dumps(generation_config, indent=2, sort_keys=True) + "\n"}
+        loading.save_pretrained(shell, directory, max_shard_size=max_shard_size, check_finite=check_finite,
+                                files=files)
 
 
 def _with_extra(config, extra: dict):
-    import dataclasses
-
     return dataclasses.replace(config, extra=extra)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def read_generation_config(directory) -> dict:
     """The checkpoint's generation_config.json as a dict ({} when there is none)."""
-    from sambay.loading import probe_path
+    from sambay.checkpoint import probe_path  # the file modules import safetensors: on first use only
 
     path = Path(directory) / GENERATION_CONFIG
     if probe_path(path, "the checkpoint's generation config", "file") is None:  # unreadable: an OSError naming it
@@ -337,3 +331,85 @@ def read_generation_config(directory) -> dict:
     if not isinstance(d, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(d).__name__}")
     return d
+
+
+class SambaYForCausalLM(CausalLMMixin, SambaYGenerationMixin, nn.Module):
+    """SambaY with a (tied) LM head. Parameter names equal the checkpoint keys. forward, generate, the cache,
+    checkpointing and saving come from the mixins (sambay.lm, sambay.generation), shared with the transformers
+    class sambay.hf_model.Phi4FlashForCausalLM."""
+
+    def __init__(self, config: SambaYConfig, device=None, dtype=None):
+        super().__init__()
+        self.config = config
+        self.model = SambaYModel(config, device=device, dtype=dtype)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False, device=device, dtype=dtype)
+        # generation_config.json of the checkpoint (a dict of the keys it sets): generate()'s defaults.
+        self.generation_config: dict = {}
+        self.name_or_path = ""
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        if self.lm_head.weight.device.type != "meta":
+            self.init_weights()
+        if config.quantization_config is not None:  # on meta: empty QuantLinears for the loader to fill
+            quant.convert(self, config.quantization_config)
+
+    @property
+    def sambay_config(self) -> SambaYConfig:
+        return self.config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings and isinstance(self.lm_head, nn.Linear):  # a quantized head is a copy
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def _set_quantization_config(self, qc) -> None:
+        self.config = self.model.config = dataclasses.replace(self.config, quantization_config=qc)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Random initialisation for training from scratch (checkpoints overwrite all of it)."""
+        std = self.config.initializer_range
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=std)
+                if getattr(m, "bias", None) is not None:
+                    m.bias.zero_()
+            elif isinstance(m, (nn.LayerNorm, DiffAttentionCore)):
+                m.reset_parameters()
+        for m in self.modules():  # Mamba's own recipe (conv, dt, A, D) after the generic Linear init
+            if isinstance(m, Mamba):
+                m.reset_parameters()
+                for lin in (m.in_proj, m.x_proj, m.out_proj):
+                    nn.init.normal_(lin.weight, std=std)
+
+    # ---- loading and saving (the logic lives in sambay.loading and sambay.checkpoint) -----------
+    @classmethod
+    def from_pretrained(cls, path, dtype: torch.dtype | None = None, device=None, *, quantize: str | None = None,
+                        group_size: int | None = None, check_finite: bool = True) -> SambaYForCausalLM:
+        """A checkpoint directory or hub id; ``generation_config.json``, if present, sets generate()'s defaults.
+        quantize: "int8" or "int4" (group_size, default 128) quantizes the linears while loading (see sambay.quant);
+        a checkpoint saved quantized loads quantized without it.
+        check_finite: refuse NaN/inf weights, naming the tensor (one sum per tensor, ~0.1-0.25 s/GB)."""
+        from sambay import loading  # the file modules import safetensors: on first use only
+
+        directory = loading.resolve_checkpoint(path)
+        model = loading.from_pretrained(directory, cls, dtype=dtype, device=device, quantize=quantize,
+                                        group_size=group_size, check_finite=check_finite)
+        model.generation_config = read_generation_config(directory)
+        model.name_or_path = str(path)
+        return model
+
+    def save_pretrained(self, directory, max_shard_size: int | str = "5GB", *, check_finite: bool = True) -> None:
+        """config.json + safetensors (the released layout), generation_config.json, and ``modeling_sambay.py``
+        named by config.json's auto_map (see sambay.lm). check_finite: refuse to save NaN/inf weights."""
+        c = self.config
+        generation = {"bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id, "pad_token_id": c.pad_token_id,
+                      **self.generation_config}
+        self._save(directory, c, generation, max_shard_size=max_shard_size, check_finite=check_finite)

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from sambay.cache import KeyColumns
 from sambay.layers.attention import AttnCall
+from sambay.states import KeyColumns
 
 
 def visible(qpos: torch.Tensor, kpos: torch.Tensor, kvalid: torch.Tensor | None, window: int | None,

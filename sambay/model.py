@@ -12,7 +12,6 @@ written for every position): the YOCO prefill skip, exact by construction.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -20,19 +19,15 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from sambay import quant
 from sambay.cache import SambaYCache
 from sambay.config import SambaYConfig
-from sambay.generation import SambaYGenerationMixin
 from sambay.kernels.common import f32
-from sambay.layers import MLP, AttnCall, DiffAttentionCore, Mamba
-from sambay.layers.linear import Linear
-from sambay.lm import CausalLMMixin, CausalLMOutput, causal_lm_loss, read_generation_config
+from sambay.layers import MLP, AttnCall
 from sambay.masks import prefix_plan, static_plans, window_plan
 from sambay.roles import ROLES
 from sambay.states import KeyColumns
 
-__all__ = ["Block", "CausalLMOutput", "SambaYForCausalLM", "SambaYModel", "Step", "causal_lm_loss"]
+__all__ = ["Block", "SambaYModel", "Step"]
 
 
 @dataclass(frozen=True)
@@ -277,85 +272,3 @@ def _check_mask(attention_mask, B: int, p0: int, T: int, cached: bool, device):
         raise ValueError("attention_mask: expected each row to be one run of real tokens (left or right padding); "
                          "got a row with padding between real tokens")
     return flags[:, p0:], bool(padded)
-
-
-class SambaYForCausalLM(CausalLMMixin, SambaYGenerationMixin, nn.Module):
-    """SambaY with a (tied) LM head. Parameter names equal the checkpoint keys. forward, generate, the cache,
-    checkpointing and saving come from the mixins (sambay.lm, sambay.generation), shared with the transformers
-    class sambay.hf_model.Phi4FlashForCausalLM."""
-
-    def __init__(self, config: SambaYConfig, device=None, dtype=None):
-        super().__init__()
-        self.config = config
-        self.model = SambaYModel(config, device=device, dtype=dtype)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False, device=device, dtype=dtype)
-        # generation_config.json of the checkpoint (a dict of the keys it sets): generate()'s defaults.
-        self.generation_config: dict = {}
-        self.name_or_path = ""
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-        if self.lm_head.weight.device.type != "meta":
-            self.init_weights()
-        if config.quantization_config is not None:  # on meta: empty QuantLinears for the loader to fill
-            quant.convert(self, config.quantization_config)
-
-    @property
-    def sambay_config(self) -> SambaYConfig:
-        return self.config
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.model.embed_tokens.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.model.embed_tokens.weight.device
-
-    def tie_weights(self) -> None:
-        if self.config.tie_word_embeddings and isinstance(self.lm_head, nn.Linear):  # a quantized head is a copy
-            self.lm_head.weight = self.model.embed_tokens.weight
-
-    def _set_quantization_config(self, qc) -> None:
-        self.config = self.model.config = dataclasses.replace(self.config, quantization_config=qc)
-
-    @torch.no_grad()
-    def init_weights(self) -> None:
-        """Random initialisation for training from scratch (checkpoints overwrite all of it)."""
-        std = self.config.initializer_range
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, std=std)
-                if getattr(m, "bias", None) is not None:
-                    m.bias.zero_()
-            elif isinstance(m, (nn.LayerNorm, DiffAttentionCore)):
-                m.reset_parameters()
-        for m in self.modules():  # Mamba's own recipe (conv, dt, A, D) after the generic Linear init
-            if isinstance(m, Mamba):
-                m.reset_parameters()
-                for lin in (m.in_proj, m.x_proj, m.out_proj):
-                    nn.init.normal_(lin.weight, std=std)
-
-    # ---- loading and saving (the logic lives in sambay.loading) -------------------------------
-    @classmethod
-    def from_pretrained(cls, path, dtype: torch.dtype | None = None, device=None, *, quantize: str | None = None,
-                        group_size: int | None = None, check_finite: bool = True) -> SambaYForCausalLM:
-        """A checkpoint directory or hub id; ``generation_config.json``, if present, sets generate()'s defaults.
-        quantize: "int8" or "int4" (group_size, default 128) quantizes the linears while loading (see sambay.quant);
-        a checkpoint saved quantized loads quantized without it.
-        check_finite: refuse NaN/inf weights, naming the tensor (one sum per tensor, ~0.1-0.25 s/GB)."""
-        from sambay.loading import from_pretrained, resolve_checkpoint
-
-        directory = resolve_checkpoint(path)
-        model = from_pretrained(directory, dtype=dtype, device=device, cls=cls, quantize=quantize,
-                                group_size=group_size, check_finite=check_finite)
-        model.generation_config = read_generation_config(directory)
-        model.name_or_path = str(path)
-        return model
-
-    def save_pretrained(self, directory, max_shard_size: int | str = "5GB", *, check_finite: bool = True) -> None:
-        """config.json + safetensors (the released layout), generation_config.json, and ``modeling_sambay.py``
-        named by config.json's auto_map (see sambay.lm). check_finite: refuse to save NaN/inf weights."""
-        c = self.config
-        generation = {"bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id, "pad_token_id": c.pad_token_id,
-                      **self.generation_config}
-        self._save(directory, c, generation, max_shard_size=max_shard_size, check_finite=check_finite)

@@ -14,6 +14,7 @@ import pytest
 import torch
 from helpers import fixture_model
 
+import sambay.checkpoint as C
 import sambay.loading as L
 from sambay import SambaYForCausalLM
 from sambay.loading import CheckpointError
@@ -73,7 +74,7 @@ def test_a_bad_max_shard_size_writes_nothing(tmp_path, size, kind, words):
 
 
 def test_size_strings_use_hf_units(tmp_path):
-    assert [L._parse_size(s) for s in ("5GB", "500MB", "2GiB", "1.5KB", " 7 kib ", "100", 123)] == [
+    assert [C.parse_size(s) for s in ("5GB", "500MB", "2GiB", "1.5KB", " 7 kib ", "100", 123)] == [
         5 * 10**9, 500 * 10**6, 2 * 2**30, 1500, 7 * 1024, 100, 123]
 
 
@@ -103,7 +104,7 @@ def test_non_finite_weights_are_not_saved_unless_asked(tmp_path):
     L.save_pretrained(model, tmp_path / "ckpt", check_finite=False)
     with pytest.raises(CheckpointError, match="model.layers.3.mlp.fc2.weight"):
         SambaYForCausalLM.from_pretrained(tmp_path / "ckpt")
-    loaded = L.from_pretrained(tmp_path / "ckpt", check_finite=False)
+    loaded = L.from_pretrained(tmp_path / "ckpt", SambaYForCausalLM, check_finite=False)
     torch.testing.assert_close(loaded.model.layers[3].mlp.fc2.weight, model.model.layers[3].mlp.fc2.weight,
                                rtol=0, atol=0, equal_nan=True)
 
@@ -143,7 +144,7 @@ def test_a_full_disk_midway_leaves_the_old_checkpoint_exactly(tmp_path, monkeypa
         raise OSError(errno.ENOSPC, "No space left on device")
 
     if fail_at == "second shard":
-        real = L.save_file
+        real = C.save_file
 
         def save_file(tensors, path, *args, **kwargs):
             calls.append(path)
@@ -152,9 +153,9 @@ def test_a_full_disk_midway_leaves_the_old_checkpoint_exactly(tmp_path, monkeypa
                 full_disk()
             return real(tensors, path, *args, **kwargs)
 
-        monkeypatch.setattr(L, "save_file", save_file)
+        monkeypatch.setattr(C, "save_file", save_file)
     else:
-        real_text = L._write_text
+        real_text = C._write_text
 
         def write_text(path, text):
             calls.append(path)
@@ -162,7 +163,7 @@ def test_a_full_disk_midway_leaves_the_old_checkpoint_exactly(tmp_path, monkeypa
                 full_disk()
             return real_text(path, text)
 
-        monkeypatch.setattr(L, "_write_text", write_text)
+        monkeypatch.setattr(C, "_write_text", write_text)
     with pytest.raises(OSError, match="No space left on device"):
         _new_model().save_pretrained(d, max_shard_size=NEW_SHARD)
     assert calls, "the failure was not injected"
@@ -179,6 +180,7 @@ import json, os, signal, sys
 import torch
 torch.set_num_threads(1)  # no OpenMP pool: safe to fork
 sys.path.insert(0, sys.argv[2])
+import sambay.checkpoint as C
 import sambay.loading as L
 from test_atomic_save import _new_model
 
@@ -187,9 +189,9 @@ results = []
 for sc in json.loads(sys.argv[1]):
     pid = os.fork()
     if pid == 0:
-        shards = len(L._plan_shards(dict(new.named_parameters()), L._parse_size(sc["max_shard_size"])))
+        shards = len(C._plan_shards(dict(new.named_parameters()), C.parse_size(sc["max_shard_size"])))
         n = {"last": shards + (shards > 1) + 1}.get(sc["n"], sc["n"])  # the last os.replace is config.json's
-        real = {"save_file": L.save_file, "replace": os.replace}[sc["call"]]
+        real = {"save_file": C.save_file, "replace": os.replace}[sc["call"]]
         count = [0]
         def hooked(*a, **k):
             count[0] += 1
@@ -200,7 +202,7 @@ for sc in json.loads(sys.argv[1]):
                 os.kill(os.getpid(), signal.SIGKILL)
             return r
         if sc["call"] == "save_file":
-            L.save_file = hooked
+            C.save_file = hooked
         else:
             os.replace = hooked
         L.save_pretrained(new, sc["dir"], max_shard_size=sc["max_shard_size"])
@@ -266,6 +268,7 @@ import json, os, signal, sys, time
 import torch
 torch.set_num_threads(1)
 sys.path.insert(0, sys.argv[2])
+import sambay.checkpoint as C
 import sambay.loading as L
 from test_atomic_save import _new_model
 

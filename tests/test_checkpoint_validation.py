@@ -131,7 +131,7 @@ def test_malformed_header_fields_are_named(tmp_path, header, data, words):
 def test_a_header_the_official_parser_accepts_passes_the_field_checks(tmp_path):
     """The field checks are no stricter than the format: zero-size tensors sharing an offset, unknown extra fields,
     string metadata and trailing spaces after the JSON all load."""
-    from sambay.loading import read_header
+    from sambay.checkpoint import read_header
 
     header = {"__metadata__": {"format": "pt"}, "e": {"dtype": "F32", "shape": [0, 3], "data_offsets": [0, 0]},
               "a": {**_f32(2, 0), "note": "ignored"}, "z": {"dtype": "BF16", "shape": [0], "data_offsets": [8, 8]}}
@@ -252,7 +252,7 @@ def test_non_finite_weights_are_reported_by_name(tmp_path, value, words):
     assert f"model.final_layernorm.bias (in model.safetensors): {words}" in msg
     from sambay.loading import from_pretrained
 
-    model = from_pretrained(d, check_finite=False)  # an explicit opt-out loads it as stored
+    model = from_pretrained(d, SambaYForCausalLM, check_finite=False)  # an explicit opt-out loads it as stored
     torch.testing.assert_close(model.model.final_layernorm.bias, t["model.final_layernorm.bias"], rtol=0, atol=0,
                                equal_nan=True)
 
@@ -268,7 +268,7 @@ def test_a_cast_that_overflows_to_inf_is_reported(tmp_path):
 
 @pytest.mark.slow
 def test_the_nan_screen_finds_one_value_in_a_large_half_tensor():
-    from sambay.loading import _is_finite
+    from sambay.checkpoint import is_finite as _is_finite
 
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         t = torch.randn(3_000_001).to(dtype)

@@ -5,7 +5,7 @@ workers run (:mod:`sambay.bench.workers`). benchmarks/ builds its targets on the
     sambay bench --quick        # a table of medians and sambay/phi3 ratios with 95% intervals; results.json
 """
 
-from sambay.bench.command import add_arguments, run, table, write_json
+from sambay.bench.command import add_arguments, run, table
 from sambay.bench.measure import (
     bandwidth,
     decode_latency_seconds,
@@ -20,7 +20,7 @@ from sambay.bench.measure import (
 )
 from sambay.bench.subjects import CONFIGS, Phi3, SambaY, load_config, phi3_config, shape
 from sambay.bench.timing import bootstrap, describe, interleaved, machine, median, ratio
-from sambay.bench.workers import WAIT_POLICIES, peak_rss, run_worker, worker_env, write_result
+from sambay.bench.workers import WAIT_POLICIES, peak_rss, run_worker, worker_env, write_json, write_result
 
 __all__ = [
     "CONFIGS", "WAIT_POLICIES", "Phi3", "SambaY", "add_arguments", "bandwidth", "bootstrap", "decode_latency_seconds",

@@ -6,8 +6,6 @@ targets and verdicts are in benchmarks/ of the repository, built on these measur
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
 import subprocess
 import sys
@@ -24,6 +22,7 @@ from sambay.bench.measure import (
 )
 from sambay.bench.subjects import CONFIGS, Phi3, SambaY, load_config, num_params, shape
 from sambay.bench.timing import describe, machine, median, ratio
+from sambay.bench.workers import worker_env, write_json
 
 # Sizes per (device, --quick). CPU: the scaled config (the released layer pattern at hidden 256), fp32.
 PLANS = {
@@ -168,21 +167,6 @@ def _ms(s: float) -> str:
     return f"{1e3 * s:.2f} ms" if s < 1 else f"{s:.3f} s"
 
 
-def write_json(path: Path, obj) -> None:
-    """JSON without NaN/inf (they become null)."""
-
-    def clean(o):
-        if isinstance(o, float):
-            return o if math.isfinite(o) else None
-        if isinstance(o, dict):
-            return {str(k): clean(v) for k, v in o.items()}
-        if isinstance(o, (list, tuple)):
-            return [clean(v) for v in o]
-        return o
-
-    path.write_text(json.dumps(clean(obj), indent=1, allow_nan=False) + "\n", encoding="utf-8")
-
-
 def _respawn_with_passive_openmp(args: argparse.Namespace) -> int:
     """Run in a child process with OMP_WAIT_POLICY=PASSIVE (OpenMP reads it when torch loads, hence the new
     process): with the default spin-waiting, OpenMP threads sharing their cores with any other process stall
@@ -193,8 +177,6 @@ def _respawn_with_passive_openmp(args: argparse.Namespace) -> int:
         if key in ("func", "command") or value is None or value is False:
             continue
         argv += [f"--{key.replace('_', '-')}"] + ([] if value is True else [str(value)])
-    from sambay.bench.workers import worker_env
-
     env = worker_env(None, "PASSIVE")  # the child imports this same sambay
     print("sambay bench: running with OMP_WAIT_POLICY=PASSIVE in a child process", file=sys.stderr, flush=True)
     return subprocess.call(argv, env=env)

@@ -14,6 +14,7 @@ thread count and OpenMP's wait policy before torch loads (OpenMP reads ``OMP_WAI
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -45,10 +46,23 @@ def peak_rss() -> int:
         return next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("VmHWM:"))
 
 
+def write_json(path: Path, obj) -> None:
+    """JSON without NaN/inf (they become null)."""
+
+    def clean(o):
+        if isinstance(o, float):
+            return o if math.isfinite(o) else None
+        if isinstance(o, dict):
+            return {str(k): clean(v) for k, v in o.items()}
+        if isinstance(o, (list, tuple)):
+            return [clean(v) for v in o]
+        return o
+
+    path.write_text(json.dumps(clean(obj), indent=1, allow_nan=False) + "\n", encoding="utf-8")
+
+
 def write_result(path: Path, obj) -> None:
     """Atomically (a worker's result is read after it exits, maybe killed midway), without NaN/inf."""
-    from sambay.bench.command import write_json
-
     tmp = path.with_name(path.name + ".tmp")
     write_json(tmp, obj)
     os.replace(tmp, path)
