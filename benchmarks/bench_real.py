@@ -31,11 +31,8 @@ the released size and the sizes they name, NOT AT TARGET SIZE otherwise), and wr
 
 from __future__ import annotations
 
-# OpenMP's wait policy in the workers: ACTIVE by default (--omp-wait-policy; "env" leaves the environment's). This
-# benchmark needs the whole machine, and on a quiet one the policy is worth 5-30% of a real-size decode step:
-# OMP_WAIT_POLICY=PASSIVE made a bf16 step 590-790 ms against 430-500 ms unset (every one of a step's ~1000 parallel
-# ops waits for a sleeping thread to wake), and ACTIVE made an int8 step 285-290 ms against 301-313 ms unset (two
-# alternating pairs of runs). On a busy machine spinning threads stall instead (sambay/bench/command.py).
+# OpenMP's wait policy in the workers: ACTIVE by default (--omp-wait-policy; "env" leaves the environment's): this
+# benchmark needs the whole machine, where spinning threads are the fastest (docs/PERFORMANCE.md, sambay.bench.workers).
 import argparse
 import inspect
 import json

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 
 # OpenMP reads this when torch loads: spin-waiting threads that share cores with other processes stall at
-# every barrier (a 25 ms decode step took 0.3-3 s on a busy 2-core machine). Set it yourself to override.
+# every barrier (docs/PERFORMANCE.md, sambay.bench.workers). Set it yourself to override.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402

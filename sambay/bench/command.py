@@ -170,8 +170,7 @@ def _ms(s: float) -> str:
 def _respawn_with_passive_openmp(args: argparse.Namespace) -> int:
     """Run in a child process with OMP_WAIT_POLICY=PASSIVE (OpenMP reads it when torch loads, hence the new
     process): with the default spin-waiting, OpenMP threads sharing their cores with any other process stall
-    at every barrier (on a busy 2-core machine a 25 ms decode step took 0.3-3 s). Set OMP_WAIT_POLICY
-    yourself to choose otherwise."""
+    at every barrier (docs/PERFORMANCE.md). Set OMP_WAIT_POLICY yourself to choose otherwise."""
     argv = [sys.executable, "-m", "sambay.cli", "bench"]
     for key, value in vars(args).items():
         if key in ("func", "command") or value is None or value is False:
