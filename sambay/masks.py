@@ -100,12 +100,13 @@ def static_plans(pos: torch.Tensor, ring_pos: torch.Tensor | None, valid: torch.
 
     pos: (1,) the new token's position; ring_pos: (R,) positions the ring slots hold after the write (or
     None without sliding layers); valid: (B, L) real-token flags of the whole cache. The full and cross
-    layers attend over all L slots, with the slots after ``pos`` masked.
+    layers attend over all L slots, with the slots after ``pos`` masked, and the call's ``length`` (pos + 1)
+    lets the decode kernels stop reading there.
     """
     L = valid.shape[1]
     kpos = torch.arange(L, device=valid.device)
     full = (kpos <= pos)[None] & valid
-    kept = [AttnCall(slice(0, 1), slice(0, L), full[:, None, None, :])]
+    kept = [AttnCall(slice(0, 1), slice(0, L), full[:, None, None, :], length=pos + 1)]
     if ring_pos is None:
         return [], kept
     kv = (ring_pos >= 0)[None] & valid[:, ring_pos.clamp(min=0)]

@@ -29,6 +29,7 @@ It lives in the package (not the tests) so a user can check their own Triton and
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import importlib
 import importlib.util
@@ -177,16 +178,27 @@ def CompileOnlyDriver(arch: int):  # noqa: N802 - a class built lazily, so impor
 
 
 @contextlib.contextmanager
-def compile_only(arch: int):
-    """Make every Triton launch in the block compile for ``sm_<arch>`` and run nothing; yields the driver."""
+def compile_only(archs: tuple[int, ...]):
+    """Make every Triton launch in the block compile for each ``sm_<arch>`` in turn and run nothing; yields the
+    drivers. (One launch compiles for every target, so the model's code runs once for all of them.)"""
     from triton.runtime import driver as triton_driver
+    from triton.runtime.jit import JITFunction
 
-    drv = CompileOnlyDriver(arch)
+    drivers = [CompileOnlyDriver(arch) for arch in archs]
     previous = triton_driver._active  # None on a machine without a GPU (reset_active() would raise there)
-    triton_driver.set_active(drv)
+    real_run = JITFunction.run
+
+    def run_for_each_target(self, *args, grid, warmup, **kwargs):
+        for drv in drivers:
+            triton_driver.set_active(drv)
+            kernel = real_run(self, *args, grid=grid, warmup=warmup, **kwargs)
+        return kernel
+
+    JITFunction.run = run_for_each_target
     try:
-        yield drv
+        yield drivers
     finally:
+        JITFunction.run = real_run
         triton_driver._active = previous
 
 
@@ -236,6 +248,17 @@ def forced_fast_paths():
 
 
 # ------------------------------------------------------------------------------------------------- the cases
+class _Cases:
+    """Sets the name of the case now launching on every driver (``cases.case = ...``)."""
+
+    def __init__(self, drivers):
+        object.__setattr__(self, "drivers", drivers)
+
+    def __setattr__(self, name, value):
+        for drv in self.drivers:
+            setattr(drv, name, value)
+
+
 def _model_cases(drv, dtype: torch.dtype, prefill: int, capacity: int, parts: tuple[str, ...]) -> None:
     """The model's own launches at the released config on the meta device: ``parts`` of ("train", "decode")."""
     from sambay import SambaYForCausalLM
@@ -339,18 +362,16 @@ def check(archs=(80, 90), dtypes=("bfloat16", "float16", "float32"), prefill: in
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("compile check: TRITON_INTERPRET is set, so the kernels are interpreted, not compiled; "
                            "run `python3 -m sambay.kernels.compile_check` (or run_check()) without it")
-    records: list[KernelRecord] = []
-    with forced_fast_paths():
-        for arch in archs:
-            with compile_only(arch) as drv:
-                for name in dtypes:
-                    dtype = getattr(torch, name)
-                    _model_cases(drv, dtype, prefill, capacity, parts)
-                    if "odd" in parts:
-                        _odd_cases(drv, dtype)
-            records += drv.records
-    for rec in records:
-        _ptxas_usage(rec)
+    with forced_fast_paths(), compile_only(tuple(archs)) as drivers:
+        cases = _Cases(drivers)
+        for name in dtypes:
+            dtype = getattr(torch, name)
+            _model_cases(cases, dtype, prefill, capacity, parts)
+            if "odd" in parts:
+                _odd_cases(cases, dtype)
+    records = [r for drv in drivers for r in drv.records]
+    with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:  # ptxas runs are separate processes
+        list(pool.map(_ptxas_usage, records))
     return records
 
 

@@ -37,6 +37,9 @@ class AttnCall:
     # (causal, window) when the visibility is exactly flash-attn's bottom-right causal flag plus a window of
     # ``window`` keys (None = unlimited), with no padding and keys in position order; else None.
     flash: tuple[bool, int | None] | None = None
+    # The static decode step's (1,) device tensor pos + 1: key columns from it on are invisible under ``mask``
+    # too, and the decode kernels read none of them (the shapes stay those of the whole cache).
+    length: torch.Tensor | None = None
 
 
 class SubLN(nn.Module):
@@ -101,7 +104,7 @@ class DiffAttentionCore(nn.Module):
         for c in plan:
             kk, vv = k[..., c.k, :], v[..., c.k, :]  # time is the second-to-last dim of both
             outs.append(diff_attend(q1[:, :, c.q], q2[:, :, c.q], kk, vv, c.mask, c.causal, self.scale, lam, p,
-                                    c.flash, self.backend))  # (B, Hq/2, tq, 2D)
+                                    c.flash, self.backend, c.length))  # (B, Hq/2, tq, 2D)
         o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
         o = self.subln(o) * (1.0 - self.lambda_init)
         o = o.transpose(1, 2).reshape(B, T, Hq * D)  # diff head j -> heads 2j, 2j+1

@@ -45,7 +45,8 @@ Kernel = Callable[..., torch.Tensor]
 
 
 def diff_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor,
-                lam: torch.Tensor | float, scale: float, backend: str = "auto") -> torch.Tensor:
+                lam: torch.Tensor | float, scale: float, backend: str = "auto",
+                length: torch.Tensor | None = None) -> torch.Tensor:
     """Differential attention for one query token per sequence. See :func:`diff_decode_ref`.
 
     Args:
@@ -53,6 +54,9 @@ def diff_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.
         valid: (B, S) bool, True = visible slot; a row with no visible slot gives zeros.
         lam: float or one-element tensor (a tensor is read on the device: no host sync, graph-capturable).
         scale: softmax scale.
+        length: None, or a one-element integer tensor on the device: slots from it on are invisible and the
+            kernels read none of them (the Triton kernel's grid stays fixed: the static decode step passes
+            ``cache.pos + 1`` and stays capturable while reading only the written prefix).
         backend: "auto" (the Triton kernel for CUDA tensors when Triton imports, the C++ kernel for CPU tensors
             when it is built, else the twin), "torch" (the twin), "cuda" (the Triton kernel; on CPU tensors only
             under TRITON_INTERPRET=1, else RuntimeError). The kernels have no backward: a call that needs
@@ -61,8 +65,8 @@ def diff_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.
         (B, Hq/2, 2D) in q.dtype.
     """
     check_backend(backend)
-    check_diff_decode_args(q, k, v, valid, lam)
-    return (fast_kernel(q, k, v, lam, backend) or diff_decode_ref)(q, k, v, valid, lam, scale)
+    check_diff_decode_args(q, k, v, valid, lam, length)
+    return (fast_kernel(q, k, v, lam, backend) or diff_decode_ref)(q, k, v, valid, lam, scale, length)
 
 
 def fast_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lam: torch.Tensor | float,
@@ -85,21 +89,26 @@ def _unsupported(path: str, q, k, v, lam) -> str | None:
     return None
 
 
-def diff_decode_triton(q, k, v, valid, lam, scale) -> torch.Tensor:
-    """The Triton kernel (:mod:`.triton_diff_decode`) on q's device; ``valid=None`` means every slot visible."""
+def diff_decode_triton(q, k, v, valid, lam, scale, length=None) -> torch.Tensor:
+    """The Triton kernel (:mod:`.triton_diff_decode`) on q's device; ``valid=None`` means every slot visible;
+    ``length`` (a device tensor) stops every split's reads there."""
     from sambay.kernels.diff_decode import triton_diff_decode
 
     if valid is None:
         valid = torch.ones(k.shape[0], k.shape[-2], dtype=torch.bool, device=k.device)
     with device_of(q):
-        return triton_diff_decode.diff_decode_triton(q, k, v, valid, lam, scale)
+        return triton_diff_decode.diff_decode_triton(q, k, v, valid, lam, scale, length)
 
 
-def diff_decode_cpu(q, k, v, valid, lam, scale) -> torch.Tensor:
+def diff_decode_cpu(q, k, v, valid, lam, scale, length=None) -> torch.Tensor:
     """The C++ kernel (``cpu_diff_decode.cpp``): K/V (bf16, fp16 or fp32, unit last stride) read once in their own
-    dtype, the math in fp32, rounded once to q's dtype; ``valid=None`` means every slot visible."""
+    dtype, the math in fp32, rounded once to q's dtype; ``valid=None`` means every slot visible. The kernel reads
+    each sequence up to its last visible slot, so ``length`` is applied to ``valid`` (1 byte a slot)."""
     B, Hq, D = q.shape
     G = k.shape[2]
+    if length is not None:
+        kept = torch.arange(k.shape[-2], device=k.device) < length.reshape(())
+        valid = kept[None].expand(B, -1) if valid is None else valid & kept
     qg = q.reshape(B, G, Hq // 2 // G, 2, D).transpose(2, 3)  # (B, G, 2, R, D): diff head j = g R + r, map m
     valid = q.new_empty(0, dtype=torch.bool) if valid is None else valid.contiguous()
     lam32 = lam.detach().float().reshape(1) if isinstance(lam, torch.Tensor) else torch.tensor([float(lam)])
@@ -116,6 +125,10 @@ def diff_decode_tiles(D: int, dtype: torch.dtype) -> dict:
     # K0 + K1 + V per key row; keep one pipeline stage near 32 KB (two stages fit a 99 KB consumer GPU).
     row_bytes = (2 * block_d + block_v) * dtype.itemsize
     block_n = 64 if row_bytes * 64 <= 32 * 1024 else 32 if row_bytes * 32 <= 32 * 1024 else 16
+    if dtype.itemsize >= 4 and block_d >= 64:
+        # fp32 dots run on FMA units with register-resident operands: 32 keys at D = 64 spilled on sm_90
+        # (sambay.kernels.compile_check); the loads are bandwidth-bound either way.
+        block_n = 16
     return {"BLOCK_N": block_n, "BLOCK_D": block_d, "BLOCK_V": block_v}
 
 
@@ -158,8 +171,11 @@ class DiffDecodeBytes(NamedTuple):
 
 
 def diff_decode_bytes(B: int, Hq: int, G: int, S: int, D: int, dtype: torch.dtype,
-                      num_splits: int | None = None, device: torch.device | None = None) -> DiffDecodeBytes:
+                      num_splits: int | None = None, device: torch.device | None = None,
+                      length: int | None = None) -> DiffDecodeBytes:
     """Count the bytes of one Triton diff_decode call (split kernel + reduction kernel) and the ideal.
+    ``length``: the call's used length (the static step's pos + 1 in an S-slot cache): slots from it on are not
+    read; the partials and q are still per split (the grid is that of the whole cache).
 
     kernel = K + V (each read once: every split program reads its own slot range of one kv pair for all
     its query heads) + q (read once per split) + valid (1 byte per slot) + the fp32 partials (max, sum
@@ -169,9 +185,10 @@ def diff_decode_bytes(B: int, Hq: int, G: int, S: int, D: int, dtype: torch.dtyp
     item = dtype.itemsize
     if num_splits is None:
         num_splits, _ = choose_splits(B, G, S, diff_decode_tiles(D, dtype)["BLOCK_N"], num_sms(device))
-    kv = B * G * S * (2 * D + 2 * D) * item                      # two K stripes of D, one V of 2D per slot
+    used = S if length is None else max(0, min(S, length))
+    kv = B * G * used * (2 * D + 2 * D) * item                   # two K stripes of D, one V of 2D per slot
     q_bytes = B * Hq * D * item
     out = B * (Hq // 2) * 2 * D * item
     partials = B * (Hq // 2) * 2 * num_splits * (2 + 2 * D) * 4  # (m, l, acc[2D]) fp32 per map and split
-    kernel = kv + q_bytes * num_splits + B * S + 2 * partials + out
+    kernel = kv + q_bytes * num_splits + B * used + 2 * partials + out
     return DiffDecodeBytes(kernel=kernel, ideal=kv + q_bytes + out, num_splits=num_splits)

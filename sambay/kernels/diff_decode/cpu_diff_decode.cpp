@@ -191,7 +191,7 @@ at::Tensor vector_part(const at::Tensor& x, int64_t d16, bool permuted) {
 template <typename T>
 at::Tensor run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& valid, float lam,
                float scale) {
-  const int64_t B = k.size(0), G = k.size(2), S = k.size(3), D = k.size(4), R = q.size(3), E = v.size(3);
+  const int64_t B = k.size(0), G = k.size(2), S_all = k.size(3), D = k.size(4), R = q.size(3), E = v.size(3);
   const int64_t d16 = D - D % 16;
   at::Tensor qv = vector_part(q, d16, Permuted<T>::value);
   at::Tensor out = at::zeros({B, G, R, E}, q.options());
@@ -201,16 +201,21 @@ at::Tensor run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
   const T* vp = reinterpret_cast<const T*>(v.data_ptr());
   const uint8_t* visible = valid.numel() ? reinterpret_cast<const uint8_t*>(valid.data_ptr()) : nullptr;
   float* op = out.data_ptr<float>();
+  // Each sequence reads only up to its last visible slot: the static decode step passes the whole cache with the
+  // unwritten tail masked, and this keeps its reads at the written prefix (1 byte of the mask per slot is scanned).
+  std::vector<int64_t> used(B, S_all);
+  for (int64_t b = 0; visible && b < B; ++b)
+    while (used[b] > 0 && !visible[b * S_all + used[b] - 1]) --used[b];
   at::parallel_for(0, B * G, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> sc(2 * R * S);  // the two maps' scores, then their softmax numerators
+    std::vector<float> sc(2 * R * S_all);  // the two maps' scores, then their softmax numerators
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / G, g = t % G;
+      const int64_t b = t / G, g = t % G, S = used[b];
       for (int64_t m = 0; m < 2; ++m) {
         const int64_t row = ((b * G + g) * 2 + m) * R;
         scores<T>(qvp + row * d16, qp + row * D, kp + b * k.stride(0) + m * k.stride(1) + g * k.stride(2),
                   sc.data() + m * R * S, R, D, d16, S, k.stride(3));
       }
-      const uint8_t* vis = visible ? visible + b * S : nullptr;
+      const uint8_t* vis = visible ? visible + b * S_all : nullptr;
       bool any = true;
       std::vector<float> inv(2 * R);
       for (int64_t i = 0; i < 2 * R; ++i) {

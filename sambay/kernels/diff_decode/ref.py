@@ -27,7 +27,8 @@ __all__ = ["check_diff_decode_args", "diff_decode_ref"]
 
 
 def check_diff_decode_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor,
-                           lam: torch.Tensor | float) -> tuple[int, int, int, int, int]:
+                           lam: torch.Tensor | float, length: torch.Tensor | None = None
+                           ) -> tuple[int, int, int, int, int]:
     """Validate the arguments of diff_decode / diff_decode_ref; return (B, Hq, G, S, D).
 
     Raises ValueError (shapes, dtypes) naming the argument, what was expected and what was found.
@@ -52,7 +53,13 @@ def check_diff_decode_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, va
         raise ValueError(f"diff_decode: q, k, v must share one float dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if isinstance(lam, torch.Tensor) and lam.numel() != 1:
         raise ValueError(f"diff_decode: lam must be a float or a one-element tensor, got shape {tuple(lam.shape)}")
+    if length is not None and (not isinstance(length, torch.Tensor) or length.numel() != 1
+                               or length.dtype not in (torch.int32, torch.int64)):
+        got = f"{length.dtype} {tuple(length.shape)}" if isinstance(length, torch.Tensor) else type(length).__name__
+        raise ValueError(f"diff_decode: length must be None or a one-element int32/int64 tensor, got {got}")
     devices = {t.device for t in (q, k, v, valid)} | ({lam.device} if isinstance(lam, torch.Tensor) else set())
+    if length is not None:
+        devices.add(length.device)
     if len(devices) != 1:
         raise ValueError(f"diff_decode: q, k, v, valid (and a tensor lam) must be on one device, got "
                          f"{sorted(str(d) for d in devices)}")
@@ -71,7 +78,7 @@ def _probs(q: torch.Tensor, k: torch.Tensor, visible: torch.Tensor, scale: float
 
 
 def diff_decode_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor,
-                    lam: torch.Tensor | float, scale: float) -> torch.Tensor:
+                    lam: torch.Tensor | float, scale: float, length: torch.Tensor | None = None) -> torch.Tensor:
     """Differential attention of one query token per sequence over a cache-layout K/V (see the module doc).
 
     Args:
@@ -80,10 +87,14 @@ def diff_decode_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: to
         valid: (B, S) bool, True = visible slot. A row with no visible slot gives zeros.
         lam: the differential lambda, a float or a one-element tensor (any float dtype; used in fp32).
         scale: the softmax scale (D ** -0.5 in SambaY).
+        length: None, or a one-element integer tensor on the device (the static decode step's ``cache.pos + 1``):
+            slots at or after it are invisible whatever ``valid`` says, and the kernels do not read them.
     Returns:
         (B, Hq/2, 2D) in q.dtype: diff head j's 2D dims (heads 2j, 2j+1 after un-splitting).
     """
-    B, Hq, G, S, D = check_diff_decode_args(q, k, v, valid, lam)
+    B, Hq, G, S, D = check_diff_decode_args(q, k, v, valid, lam, length)
+    if length is not None:
+        valid = valid & (torch.arange(S, device=valid.device) < length.reshape(()))
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     R = Hq // 2 // G
     qg = q.to(acc).reshape(B, G, R, 2, D)                                # diff head j = g * R + r, map m

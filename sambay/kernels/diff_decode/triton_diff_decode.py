@@ -55,7 +55,7 @@ def _online_step(s, m, lsum, acc, v_tile):
 
 @triton.jit
 def _split_kernel(
-    q_ptr, k_ptr, v_ptr, valid_ptr, m_ptr, l_ptr, acc_ptr,
+    q_ptr, k_ptr, v_ptr, valid_ptr, len_ptr, m_ptr, l_ptr, acc_ptr, tiles_ptr,
     S, G, R, split_len, num_splits, qk_scale,                 # qk_scale = scale * log2(e)
     q_sb, q_sh, q_sd,
     k_sb, k_ss, k_sg, k_sn, k_sd,
@@ -63,8 +63,11 @@ def _split_kernel(
     valid_sb, valid_sn,
     D: tl.constexpr,      # constexpr: with D == BLOCK_D the column masks fold away and loads vectorise
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr,
+    HAS_LEN: tl.constexpr,       # len_ptr holds the used length: slots from there on are neither visible nor read
+    COUNT_TILES: tl.constexpr,   # debug: write the number of BLOCK_N tiles this program visited to tiles_ptr
 ):
-    """Partials of one (b, g, split): m, l (B, Hq/2, 2, num_splits) and acc (B, Hq/2, 2, num_splits, 2D)."""
+    """Partials of one (b, g, split): m, l (B, Hq/2, 2, num_splits) and acc (B, Hq/2, 2, num_splits, 2D).
+    A split wholly past the used length loads nothing and writes the empty partial (m = -inf, l = 0, acc = 0)."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = (pid // G).to(tl.int64)
@@ -94,6 +97,9 @@ def _split_kernel(
     v_base = v_ptr + b * v_sb + g * v_sg
     start = split * split_len
     end = tl.minimum(start + split_len, S)
+    if HAS_LEN:
+        # The length is read on the device, so the grid and every shape stay fixed (a CUDA graph replays it).
+        end = tl.minimum(end, tl.load(len_ptr).to(tl.int32))
     for n0 in range(start, end, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         n64 = n.to(tl.int64)
@@ -122,6 +128,8 @@ def _split_kernel(
     acc_mask = row_ok[:, None] & v_ok[None, :]
     tl.store(acc_ptr + row_pos[:, None] * (2 * D) + vcol[None, :], acc_pos, mask=acc_mask)
     tl.store(acc_ptr + row_neg[:, None] * (2 * D) + vcol[None, :], acc_neg, mask=acc_mask)
+    if COUNT_TILES:
+        tl.store(tiles_ptr + pid * num_splits + split, tl.maximum(end - start + BLOCK_N - 1, 0) // BLOCK_N)
 
 
 @triton.jit
@@ -168,13 +176,18 @@ def _reduce_kernel(m_ptr, l_ptr, acc_ptr, lam_ptr, out_ptr, lam_value, num_split
 
 # ----------------------------------------------------------------------------------------------- launcher
 def diff_decode_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor,
-                       lam: torch.Tensor | float, scale: float, *, num_splits: int | None = None,
-                       block_n: int | None = None) -> torch.Tensor:
+                       lam: torch.Tensor | float, scale: float, length: torch.Tensor | None = None, *,
+                       num_splits: int | None = None, block_n: int | None = None,
+                       tile_counts: torch.Tensor | None = None) -> torch.Tensor:
     """The kernels behind :func:`sambay.kernels.diff_decode.diff_decode` (arguments already checked there).
 
+    length: None or a one-element integer tensor on q's device: only slots below it are read (the split
+    kernel's loop stops there; the grid does not change with it).
     num_splits, block_n: override the launch geometry (tests use them to force many splits and ragged
     last blocks); by default :func:`choose_splits` and :func:`diff_decode_tiles` decide from the shapes
-    and the device's SM count. Returns (B, Hq/2, 2D) in q.dtype.
+    and the device's SM count. tile_counts: a debug output, (B * G, num_splits) int32, receives the number
+    of BLOCK_N-slot tiles each split program visited (tests count the bytes a call reads with it).
+    Returns (B, Hq/2, 2D) in q.dtype.
     """
     B, Hq, D = q.shape
     G, S = k.shape[2], k.shape[3]
@@ -198,11 +211,16 @@ def diff_decode_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid:
     acc = torch.empty(B, Hd, 2, num_splits, 2 * D, **f32)
     out = torch.empty(B, Hd, 2 * D, device=q.device, dtype=q.dtype)
     valid_u8 = valid.view(torch.uint8)              # same bytes, no copy; Triton loads bytes, not i1
+    if tile_counts is not None and (tuple(tile_counts.shape) != (B * G, num_splits) or tile_counts.dtype != torch.int32):
+        raise ValueError(f"diff_decode_triton: tile_counts must be an int32 tensor of shape {(B * G, num_splits)}, "
+                         f"got {tile_counts.dtype} {tuple(tile_counts.shape)}")
     _split_kernel[(B * G, num_splits)](
-        q, k, v, valid_u8, m, lsum, acc,
+        q, k, v, valid_u8, valid_u8 if length is None else length, m, lsum, acc,
+        m if tile_counts is None else tile_counts,
         S, G, R, split_len, num_splits, scale * _LOG2E,
         *q.stride(), *k.stride(), *v.stride(), *valid_u8.stride(),
-        D=D, BLOCK_R=max(16, 1 << (R - 1).bit_length()), **tiles, num_warps=4, num_stages=_STAGES)
+        D=D, BLOCK_R=max(16, 1 << (R - 1).bit_length()), **tiles, HAS_LEN=length is not None,
+        COUNT_TILES=tile_counts is not None, num_warps=4, num_stages=_STAGES)
     lam_tensor = isinstance(lam, torch.Tensor)
     _reduce_kernel[(B * Hd,)](
         m, lsum, acc, lam if lam_tensor else out, out, 0.0 if lam_tensor else float(lam), num_splits, 2 * D,

@@ -114,7 +114,7 @@ def _gmu_bwd_kernel(
 
 # ---------------------------------------------------------------------------------------------- launchers
 def _gmu_config(M: int, dtype: torch.dtype, mem_dtype: torch.dtype, block_m: int | None, block_n: int | None,
-                block_k: int | None, group_m: int | None) -> dict:
+                block_k: int | None, group_m: int | None, backward: bool = False) -> dict:
     """Tile sizes, math dtypes and launch options for inputs of ``dtype`` and a memory of ``mem_dtype``.
 
     Fixed heuristics rather than autotuning: M changes every call (prefill vs decode) and an autotuner
@@ -125,6 +125,10 @@ def _gmu_config(M: int, dtype: torch.dtype, mem_dtype: torch.dtype, block_m: int
     elif dtype == torch.float32:
         # fp32 tiles are twice the bytes of bf16 ones; keep the pipelined shared memory under ~50 KB.
         bm, bn, bk, warps, stages = 64, 64, 32, 4, 3
+    elif backward:
+        # The backward's epilogue holds h, sigmoid(h), the incoming gradient and memory tiles at once: at
+        # 128 x 128 it needed 255 registers and spilled (sm_80 and sm_90, checked by sambay.kernels.compile_check).
+        bm, bn, bk, warps, stages = 128, 64, 64, 8, 3
     else:
         bm, bn, bk, warps, stages = 128, 128, 64, 8, 3
     # Decode-sized M: don't burn a 128-row tile (tl.dot needs >= 16 rows).
@@ -178,7 +182,7 @@ def _gmu_bwd(x: torch.Tensor, w: torch.Tensor, mem: torch.Tensor, grad: torch.Te
     dmem = torch.empty((M, N), dtype=mem.dtype, device=mem.device) if need_dmem else None
     if M == 0 or N == 0 or not (need_dh or need_dmem):
         return dh, dmem
-    cfg = _gmu_config(M, x.dtype, mem.dtype, block_m, block_n, block_k, group_m)
+    cfg = _gmu_config(M, x.dtype, mem.dtype, block_m, block_n, block_k, group_m, backward=True)
     # An unneeded output gets a stand-in pointer; the constexpr flag removes its store entirely.
     dh_arg = dh if need_dh else dmem
     dmem_arg = dmem if need_dmem else dh
