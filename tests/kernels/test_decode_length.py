@@ -15,7 +15,7 @@ import importlib
 import pytest
 import torch
 
-from sambay.kernels.diff_decode import choose_splits, diff_decode_tiles, num_sms
+from sambay.kernels.diff_decode import choose_splits, num_sms
 from sambay.kernels.diff_decode_ref import diff_decode_ref
 
 FP32_TOL = {"rtol": 2e-5, "atol": 2e-5}   # fp32 kernel vs fp32 twin: exp2 vs exp and summation order only
@@ -29,6 +29,10 @@ def interp_device(kernel_device):
         if type(ddt._split_kernel).__name__ != "InterpretedFunction":
             pytest.skip("sambay.kernels.diff_decode_triton was imported before TRITON_INTERPRET=1 was set")
     return kernel_device
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def _cache(device, seed=0, dtype=torch.float32):
@@ -45,7 +49,7 @@ def _run(q, k, v, valid, length, num_splits, block_n=16):
     from sambay.kernels.diff_decode_triton import diff_decode_triton
 
     S = k.shape[3]
-    split_len = -(-(-(-S // block_n)) // num_splits) * block_n
+    split_len = _cdiv(_cdiv(S, block_n), num_splits) * block_n
     num_splits = -(-S // split_len)              # as the launcher trims it: every split non-empty
     tiles = torch.full((B * G, num_splits), -1, dtype=torch.int32, device=q.device)
     out = diff_decode_triton(q, k, v, valid, 0.4, D ** -0.5, length, num_splits=num_splits, block_n=block_n,
@@ -73,7 +77,7 @@ def test_static_equals_eager_across_the_capacity(pos, interp_device):
     torch.testing.assert_close(static, eager, **FP32_TOL)
     torch.testing.assert_close(static, diff_decode_ref(q, k, v, valid, 0.4, D ** -0.5), **FP32_TOL)
     # reads: the visited tiles cover exactly the written prefix, ceil'd to a tile within each split
-    split_len = -(-(-(-CAP // 16)) // 5) * 16
+    split_len = _cdiv(_cdiv(CAP, 16), 5) * 16
     want = sum(-(-max(0, min(n, (s + 1) * split_len) - s * split_len) // 16) for s in range(5))
     assert tiles.tolist() == [tiles[0].tolist()] * (B * G) and int(tiles[0].sum()) == want, (tiles, want)
 

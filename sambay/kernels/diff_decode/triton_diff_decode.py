@@ -211,7 +211,7 @@ def diff_decode_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid:
     acc = torch.empty(B, Hd, 2, num_splits, 2 * D, **f32)
     out = torch.empty(B, Hd, 2 * D, device=q.device, dtype=q.dtype)
     valid_u8 = valid.view(torch.uint8)              # same bytes, no copy; Triton loads bytes, not i1
-    if tile_counts is not None and (tuple(tile_counts.shape) != (B * G, num_splits) or tile_counts.dtype != torch.int32):
+    if tile_counts is not None and (tile_counts.shape != (B * G, num_splits) or tile_counts.dtype != torch.int32):
         raise ValueError(f"diff_decode_triton: tile_counts must be an int32 tensor of shape {(B * G, num_splits)}, "
                          f"got {tile_counts.dtype} {tuple(tile_counts.shape)}")
     _split_kernel[(B * G, num_splits)](
