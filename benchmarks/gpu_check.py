@@ -13,6 +13,9 @@ Steps (each recorded, a failure in one does not stop the others):
   4. the static decode step captured in a CUDA graph and replayed, against the eager step, 8 steps: fp32 logits
      within 1e-5 relative.
   5. ``benchmarks/bench_gpu.py`` (G1, G2, G3, G6), its JSON included (``--skip-bench`` to leave it out).
+  6. the compile table (G7): every Triton kernel the model launches compiled for sm_80 and sm_90 by
+     ``sambay.kernels.compile_check`` (bf16 at the released shapes, no GPU needed; registers, spills, shared
+     memory), printed and recorded (``--skip-compile`` to leave it out).
 Exit status 0 when every check passed. The JSON (``--out``, default ./gpu_check.json) holds everything.
 """
 
@@ -194,10 +197,21 @@ def bench(out_dir: Path) -> dict:
     return result
 
 
+def compile_table() -> dict:
+    """G7: the compile-only check of every Triton kernel for sm_80 and sm_90 (bf16, the released shapes)."""
+    from sambay.kernels.compile_check import run_check
+
+    records, table = run_check(["--part=train", "--part=decode"], dtypes=("bfloat16",), timeout=240)
+    print(table)
+    problems = [f"sm_{r.arch} {r.kernel}: {p}" for r in records for p in r.problems()]
+    return {"kernels": len(records), "problems": problems, "table": table, "ok": not problems}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="gpu_check.json")
     p.add_argument("--skip-bench", action="store_true", help="leave out bench_gpu.py")
+    p.add_argument("--skip-compile", action="store_true", help="leave out the sm_80/sm_90 compile table")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("gpu_check: no CUDA device visible to torch", file=sys.stderr)
@@ -207,6 +221,8 @@ def main(argv=None) -> int:
              ("graph_replay", graph_replay), ("compiled_decode", compiled_decode)]
     if not args.skip_bench:
         steps.append(("bench_gpu", lambda: bench(Path(args.out).resolve().parent / "bench-results")))
+    if not args.skip_compile:
+        steps.append(("compile_table", compile_table))
     for name, fn in steps:
         t = time.time()
         try:
