@@ -227,15 +227,18 @@ def forced_fast_paths():
     """Inside the block, meta tensors take the Triton fast paths (families gating, decode and the scan's decode
     step) as CUDA tensors do; the CUDA C++ paths (causal-conv1d, mamba-ssm's chunk scan, flash-attn) have no
     Triton code to compile and take their twins. Everything is restored on exit."""
-    from sambay.kernels import cuda_adapters, dispatch, twins
+    from sambay.kernels import dispatch
+    from sambay.kernels.scan import cuda as scan_cuda
+    from sambay.kernels.scan import twin as scan_twin
 
     _import_selective_state_update()
     saved_probes = dict(dispatch._PROBES)
-    saved_on_cuda, saved_scan = dispatch.on_cuda, cuda_adapters.selective_scan
+    saved_on_cuda, saved_scan = dispatch.on_cuda, scan_cuda.selective_scan
     not_triton = "not compiled by the compile check (CUDA C++, no Triton)"
-    dispatch._PROBES.update(gating=None, decode=None, scan=None, conv=not_triton, attention=not_triton)
+    dispatch._PROBES.update({family: None if family in (*dispatch._TRITON_FAMILIES, "scan") else not_triton
+                             for family in dispatch.FAST_PATHS})
     dispatch.on_cuda = lambda *tensors: all(t.device.type == "meta" for t in tensors)
-    cuda_adapters.selective_scan = twins.selective_scan   # the chunk scan is CUDA C++; its decode step is Triton
+    scan_cuda.selective_scan = scan_twin.selective_scan   # the chunk scan is CUDA C++; its decode step is Triton
     # upstream's selective_state_update enters torch.cuda.device(x.device.index): None for a meta tensor
     real_device = torch.cuda.device
     torch.cuda.device = lambda idx: contextlib.nullcontext() if idx is None else real_device(idx)
@@ -244,7 +247,7 @@ def forced_fast_paths():
     finally:
         dispatch._PROBES.clear()
         dispatch._PROBES.update(saved_probes)
-        dispatch.on_cuda, cuda_adapters.selective_scan = saved_on_cuda, saved_scan
+        dispatch.on_cuda, scan_cuda.selective_scan = saved_on_cuda, saved_scan
         torch.cuda.device = real_device
 
 
@@ -288,9 +291,9 @@ def _model_cases(drv, dtype: torch.dtype, prefill: int, capacity: int, parts: tu
 
 def _odd_cases(drv, dtype: torch.dtype) -> None:
     """The odd shapes of tests/kernels (ragged tiles, small head dims, strided and fp32 operands) via the ops."""
-    from sambay.kernels import ops
-    from sambay.kernels.diff_decode_triton import diff_decode_triton
-    from sambay.kernels.triton_gmu import _gmu_bwd, _gmu_fwd
+    from sambay.kernels import gating
+    from sambay.kernels.diff_decode.triton_diff_decode import diff_decode_triton
+    from sambay.kernels.gating.triton_gmu import _gmu_bwd, _gmu_fwd
 
     name = str(dtype).removeprefix("torch.")
 
@@ -299,8 +302,8 @@ def _odd_cases(drv, dtype: torch.dtype) -> None:
 
     drv.case = f"odd gating {name}"
     g = t(3, 5, 2 * 24)
-    ops.silu_mul(g[..., :24], g[..., 24:], backend="cuda")                 # fused halves, C = 24
-    ops.silu_mul(t(7, 33), t(7, 33, dt=torch.float32), backend="cuda")     # fp32 value
+    gating.silu_mul(g[..., :24], g[..., 24:], backend="cuda")                 # fused halves, C = 24
+    gating.silu_mul(t(7, 33), t(7, 33, dt=torch.float32), backend="cuda")     # fp32 value
     x, w = t(5, 40), t(24, 40)
     drv.case = f"odd gmu {name}"
     for tiles in ({}, dict(block_m=16, block_n=16, block_k=16, group_m=2)):     # default and test_gmu's small tiles
@@ -386,14 +389,14 @@ def _fmt_consts(c: dict) -> str:
 def format_table(records: list[KernelRecord]) -> str:
     """One row per compiled kernel and target: registers, spills, shared memory, and the cases that launched it."""
     head = f"{'arch':<6}{'kernel':<32}{'regs':>5}{'spill st/ld':>12}{'shared KB':>10}{'limit':>7}  {'w/s':<5}" \
-           f"{'args':<18}{'constexprs':<60}cases"
+           f"{'args':<20}{'constexprs':<60}cases"
     lines = [head, "-" * len(head)]
     for r in sorted(records, key=lambda r: (r.arch, r.kernel, json.dumps(r.constexprs, default=str))):
         flag = " !" if r.problems() else ""
         cases = "; ".join(r.cases[:3]) + (f" (+{len(r.cases) - 3})" if len(r.cases) > 3 else "")
         lines.append(f"sm_{r.arch:<3}{r.kernel:<32}{r.registers:>5}{f'{r.spill_stores}/{r.spill_loads}':>12}"
                      f"{r.shared / 1024:>10.1f}{SHARED_LIMITS[r.arch] // 1024:>7}  {f'{r.num_warps}/{r.num_stages}':<5}"
-                     f"{r.spec:<18}{_fmt_consts(r.constexprs):<60} {cases}{flag}")
+                     f"{r.spec:<20}{_fmt_consts(r.constexprs):<60} {cases}{flag}")
     bad = [(r, p) for r in records for p in r.problems()]
     lines.append(f"{len(records)} kernels compiled, {len(bad)} problems")
     lines += [f"  sm_{r.arch} {r.kernel} ({_fmt_consts(r.constexprs)}): {p}" for r, p in bad]

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from sambay.kernels.diff_decode import choose_splits, num_sms
-from sambay.kernels.diff_decode_ref import diff_decode_ref
+from sambay.kernels.diff_decode.ref import diff_decode_ref
 
 FP32_TOL = {"rtol": 2e-5, "atol": 2e-5}   # fp32 kernel vs fp32 twin: exp2 vs exp and summation order only
 B, HQ, G, CAP, D = 2, 8, 2, 200, 16     # R = 2 diff heads per kv pair; 200 slots: ragged last tile
@@ -25,9 +25,9 @@ B, HQ, G, CAP, D = 2, 8, 2, 200, 16     # R = 2 diff heads per kv pair; 200 slot
 @pytest.fixture
 def interp_device(kernel_device):
     if kernel_device.type == "cpu":
-        ddt = importlib.import_module("sambay.kernels.diff_decode_triton")
+        ddt = importlib.import_module("sambay.kernels.diff_decode.triton_diff_decode")
         if type(ddt._split_kernel).__name__ != "InterpretedFunction":
-            pytest.skip("sambay.kernels.diff_decode_triton was imported before TRITON_INTERPRET=1 was set")
+            pytest.skip("sambay.kernels.diff_decode.triton_diff_decode was imported before TRITON_INTERPRET=1 was set")
     return kernel_device
 
 
@@ -46,7 +46,7 @@ def _cache(device, seed=0, dtype=torch.float32):
 
 def _run(q, k, v, valid, length, num_splits, block_n=16):
     """The kernel with its tile counter: (out, tiles visited per (b * G + g, split))."""
-    from sambay.kernels.diff_decode_triton import diff_decode_triton
+    from sambay.kernels.diff_decode.triton_diff_decode import diff_decode_triton
 
     S = k.shape[3]
     split_len = _cdiv(_cdiv(S, block_n), num_splits) * block_n
@@ -127,10 +127,9 @@ def test_model_static_step_reads_the_written_prefix(interp_device, monkeypatch):
     positions across a 200-slot cache, and each of its length-aware calls visits tiles of the prefix only."""
     from helpers import random_model
 
-    from sambay.kernels import ops
-
-    ddt = importlib.import_module("sambay.kernels.diff_decode_triton")
-    real_kernel, real_use_fast = ddt.diff_decode_triton, ops.use_fast
+    dd = importlib.import_module("sambay.kernels.diff_decode")
+    ddt = importlib.import_module("sambay.kernels.diff_decode.triton_diff_decode")
+    real_kernel = ddt.diff_decode_triton
     visited = []
 
     def counting(q, k, v, valid, lam, scale, length=None, **kw):
@@ -141,8 +140,7 @@ def test_model_static_step_reads_the_written_prefix(interp_device, monkeypatch):
             visited.append((int(length), tiles.sum(1).tolist(), splits))
         return out
     monkeypatch.setattr(ddt, "diff_decode_triton", counting)
-    monkeypatch.setattr(ops, "use_fast", lambda family, backend, tensors, unsupported=None:
-                        family == "decode" or real_use_fast(family, backend, tensors, unsupported))
+    monkeypatch.setattr(dd, "fast_kernel", lambda *a, **kw: dd.diff_decode_triton)   # as "auto" on CUDA
     model = random_model(sliding_window=4)
     cap = 200
     base = model.allocate_cache(1, cap)
