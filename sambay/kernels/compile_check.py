@@ -389,14 +389,14 @@ def _fmt_consts(c: dict) -> str:
 def format_table(records: list[KernelRecord]) -> str:
     """One row per compiled kernel and target: registers, spills, shared memory, and the cases that launched it."""
     head = f"{'arch':<6}{'kernel':<32}{'regs':>5}{'spill st/ld':>12}{'shared KB':>10}{'limit':>7}  {'w/s':<5}" \
-           f"{'args':<20}{'constexprs':<60}cases"
+           f"{'args':<22}{'constexprs':<60}cases"
     lines = [head, "-" * len(head)]
     for r in sorted(records, key=lambda r: (r.arch, r.kernel, json.dumps(r.constexprs, default=str))):
         flag = " !" if r.problems() else ""
         cases = "; ".join(r.cases[:3]) + (f" (+{len(r.cases) - 3})" if len(r.cases) > 3 else "")
         lines.append(f"sm_{r.arch:<3}{r.kernel:<32}{r.registers:>5}{f'{r.spill_stores}/{r.spill_loads}':>12}"
                      f"{r.shared / 1024:>10.1f}{SHARED_LIMITS[r.arch] // 1024:>7}  {f'{r.num_warps}/{r.num_stages}':<5}"
-                     f"{r.spec:<20}{_fmt_consts(r.constexprs):<60} {cases}{flag}")
+                     f"{r.spec:<22}{_fmt_consts(r.constexprs):<60} {cases}{flag}")
     bad = [(r, p) for r in records for p in r.problems()]
     lines.append(f"{len(records)} kernels compiled, {len(bad)} problems")
     lines += [f"  sm_{r.arch} {r.kernel} ({_fmt_consts(r.constexprs)}): {p}" for r, p in bad]
