@@ -5,7 +5,8 @@ grid and every shape stay those of the whole cache (capturable), but no split lo
 Checked under Triton's interpreter (CUDA when present): equal to the eager step, which attends a view of the
 written prefix, at positions across the capacity; and the K/V bytes a call reads, counted from the tiles the
 split programs really visited (the kernel's debug counter), grow with the position and not with the capacity.
-The CPU kernel trims each sequence at its last visible slot: checked against the twin at the same positions.
+The CPU kernel stops each sequence at its last visible slot: checked against the twin at positions across the
+capacity (its reads are not counted).
 """
 
 from __future__ import annotations
@@ -184,3 +185,32 @@ def test_released_config_bytes_per_step():
     # the fp32 partials), the same at every fill level
     fixed = {r.kernel - r.ideal - int(CAPACITY * f) for r, f in zip(rows, (1 / 16, 1 / 2, 1))}
     assert len(fixed) == 1 and 0 < fixed.pop() < 0.01 * full.ideal
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cpu_kernel_stops_at_the_last_visible_slot(dtype):
+    """The C++ kernel reads each sequence up to its last visible slot (the static step's masked tail is not read):
+    equal to the twin at positions across the capacity, with the two sequences ending at different slots, a
+    sequence with nothing visible, and a length that hides visible slots."""
+    from sambay.kernels import dispatch
+    from sambay.kernels.diff_decode import diff_decode_cpu
+
+    if dispatch.cpu_probe() is not None:
+        pytest.skip(f"the CPU kernels are not built: {dispatch.cpu_probe()}")
+    q, k, v, pad = _cache("cpu", seed=4, dtype=dtype)
+    lam = torch.tensor(0.4)
+    slots = torch.arange(CAP)
+    tol = FP32_TOL if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}
+    for pos in (0, 5, 63, 150, CAP - 1):
+        valid = torch.stack([slots <= pos, slots <= pos // 2]) & ~pad
+        valid[:, 0] = True
+        ref = diff_decode_ref(q, k, v, valid, lam, D ** -0.5)
+        torch.testing.assert_close(diff_decode_cpu(q, k, v, valid, lam, D ** -0.5), ref, **tol)
+        length = torch.tensor([pos + 1])
+        torch.testing.assert_close(diff_decode_cpu(q, k, v, torch.ones_like(valid), lam, D ** -0.5, length),
+                                   diff_decode_ref(q, k, v, torch.ones_like(valid), lam, D ** -0.5, length), **tol)
+    nothing = torch.zeros(B, CAP, dtype=torch.bool)
+    nothing[0, 3] = True
+    out = diff_decode_cpu(q, k, v, nothing, lam, D ** -0.5)
+    assert out[1].abs().max() == 0
+    torch.testing.assert_close(out, diff_decode_ref(q, k, v, nothing, lam, D ** -0.5), **tol)
