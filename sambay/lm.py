@@ -229,13 +229,22 @@ class CausalLMMixin:
         if backend != "torch":
             active_backends(self.model.embed_tokens.weight.device)
 
-    def quantize(self, weights: str, group_size: int | None = None):
-        """Quantize the hot-path linears in place, weight-only: ``"int8"`` (per output channel) or ``"int4"``
-        (groups of ``group_size`` input columns, default 128; a linear it does not divide stays dense). Returns self;
+    def quantize(self, weights: str, group_size: int | None = None, activations: str | None = None):
+        """Quantize the hot-path linears in place: ``"int8"`` (per output channel) or ``"int4"`` (groups of
+        ``group_size`` input columns, default 128; a linear it does not divide stays dense); ``activations="int8"``
+        also quantizes each activation row to 8 bits per block of 32 before those linears. Returns self;
         ``config.quantization_config`` records what was quantized, and save_pretrained writes it. See sambay.quant."""
         from sambay.quant import quantize_model
 
-        quantize_model(self, weights, group_size)
+        quantize_model(self, weights, group_size, activations)
+        return self
+
+    def set_activations(self, activations: str | None):
+        """A quantized model's activation mode: None (weight-only) or "int8" (8 bits per block of 32). Returns
+        self. See sambay.quant.set_activations."""
+        from sambay.quant import set_activations
+
+        set_activations(self, activations)
         return self
 
     # ---- activation checkpointing (the transformers 5 entry points) ------------------------------
@@ -392,16 +401,19 @@ class SambaYForCausalLM(CausalLMMixin, SambaYGenerationMixin, nn.Module):
     # ---- loading and saving (the logic lives in sambay.loading and sambay.checkpoint) -----------
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype | None = None, device=None, *, quantize: str | None = None,
-                        group_size: int | None = None, check_finite: bool = True) -> SambaYForCausalLM:
+                        group_size: int | None = None, check_finite: bool = True,
+                        activations: str | None = None) -> SambaYForCausalLM:
         """A checkpoint directory or hub id; ``generation_config.json``, if present, sets generate()'s defaults.
         quantize: "int8" or "int4" (group_size, default 128) quantizes the linears while loading (see sambay.quant);
-        a checkpoint saved quantized loads quantized without it.
+        a checkpoint saved quantized loads quantized without it. activations="int8": 8-bit activations before
+        the quantized linears (a mode of the quantized weights, see sambay.quant).
         check_finite: refuse NaN/inf weights, naming the tensor (one sum per tensor, ~0.1-0.25 s/GB)."""
         from sambay import loading  # the file modules import safetensors: on first use only
 
         directory = loading.resolve_checkpoint(path)
         model = loading.from_pretrained(directory, cls, dtype=dtype, device=device, quantize=quantize,
-                                        group_size=group_size, check_finite=check_finite)
+                                        group_size=group_size, check_finite=check_finite,
+                                        activations=activations)
         model.generation_config = read_generation_config(directory)
         model.name_or_path = str(path)
         return model

@@ -18,6 +18,7 @@ Saving gathers the tensors and config.json and hands them to :func:`sambay.check
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -147,15 +148,19 @@ class _Scratch:
         return _view(self.cast, t.shape, self.dtype).copy_(t)  # the same rounding as t.to(dtype)
 
 
-def _resolve_quantize(quantize, group_size, stored: quant.QuantizationConfig | None, directory: Path):
-    """(weights, group_size) to quantize while loading, or None (a float load, or a checkpoint already in the asked
-    format). Quantizing quantized weights again is refused: the roundings would compound."""
+def _resolve_quantize(quantize, group_size, stored: quant.QuantizationConfig | None, directory: Path,
+                      activations=None):
+    """(weights, group_size, activations) to quantize while loading, or None (a float load, or a checkpoint already
+    in the asked format). Quantizing quantized weights again is refused: the roundings would compound."""
     if quantize is None:
         if group_size is not None:
             raise ValueError(f"group_size: only with quantize='int4', got group_size={group_size!r} without quantize")
+        if activations is not None and stored is None:
+            raise ValueError(f"activations={activations!r}: only for quantized weights (quantize='int8' or 'int4', "
+                             f"or a quantized checkpoint)")
         return None
     if stored is None:
-        return quant.resolve(quantize, group_size)
+        return quant.resolve(quantize, group_size, activations)
     if quantize != stored.weights or group_size not in (None, stored.group_size):
         g = f", group_size {stored.group_size}" if stored.group_size else ""
         raise CheckpointError(f"{directory}: the checkpoint is already quantized ({stored.weights}{g}); quantize="
@@ -166,13 +171,16 @@ def _resolve_quantize(quantize, group_size, stored: quant.QuantizationConfig | N
 
 
 def from_pretrained(path, cls, dtype: torch.dtype | str | None = None, device=None, *,
-                    quantize: str | None = None, group_size: int | None = None, check_finite: bool = True):
+                    quantize: str | None = None, group_size: int | None = None, check_finite: bool = True,
+                    activations: str | None = None):
     """Load a SambaY checkpoint directory (or hub id) into ``cls(config, dtype=...)`` (a SambaY causal LM class).
     dtype None = the checkpoint's ``torch_dtype``.
 
     quantize: "int8" or "int4" (with group_size, default 128): quantize the linears while loading (sambay.quant);
     the dense copy of each is dropped as soon as it is quantized. A checkpoint saved quantized loads quantized
     without it (asking for its own format is accepted; another one is an error).
+    activations: None, or "int8" for 8-bit activations before the quantized linears (sambay.quant); with a
+    quantized checkpoint, "int8" switches it on (None keeps what config.json says).
     check_finite: refuse weights with NaN/inf (every float tensor, after its dtype cast; quantization scales and
     minima too), listing them by name. Costs one sum per tensor: ~0.1-0.25 s/GB on a CPU core (see README), below
     the cost of reading the file."""
@@ -186,7 +194,12 @@ def from_pretrained(path, cls, dtype: torch.dtype | str | None = None, device=No
                                   f"and the directory holds no consistent checkpoint: save it again")
     config = SambaYConfig.from_pretrained(directory)
     dtype = _resolve_dtype(dtype, config)
-    quantizing = _resolve_quantize(quantize, group_size, config.quantization_config, directory)
+    if activations is not None:
+        quant.check_activations(activations)
+    quantizing = _resolve_quantize(quantize, group_size, config.quantization_config, directory, activations)
+    if activations is not None and quantizing is None and config.quantization_config is not None:
+        config = dataclasses.replace(config, quantization_config=dataclasses.replace(
+            config.quantization_config, activations=activations))
     files = ckpt.checkpoint_files(directory)
     with torch.device("meta"), _NoInit():
         model = cls(config, dtype=dtype)  # with QuantLinears if config.json says the checkpoint is quantized

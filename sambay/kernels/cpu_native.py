@@ -4,7 +4,9 @@ in the op folders: :mod:`sambay.kernels.linear`, :mod:`sambay.kernels.diff_decod
 
 Building needs a C++ compiler and ninja (torch.utils.cpp_extension); the build takes about 20 s once per
 machine and torch version and is cached under ``$SAMBAY_CACHE`` (default ``~/.cache/sambay``)``/kernels``. The
-kernels need x86-64 with AVX2 and FMA. Where they cannot be built or run, :func:`probe` says why: the ops fall
+kernels need x86-64 with AVX2 and FMA; each op also has an AVX-512 variant (compiled per function, run only where
+cpuid reports AVX-512 F/BW/VL/DQ + VNNI), chosen per call (``isa="auto"``) or named (``"avx2"``/``"avx512"``).
+Where they cannot be built or run, :func:`probe` says why: the ops fall
 back to their plain-PyTorch twins, with one ``RuntimeWarning`` when a build was tried and failed. The result is
 cached by the dispatcher (:func:`sambay.kernels.dispatch.cpu_probe`).
 
@@ -24,8 +26,9 @@ from pathlib import Path
 import torch
 
 _HERE = Path(__file__).parent
-_SOURCES = (_HERE / "linear" / "cpu_linear.cpp", _HERE / "diff_decode" / "cpu_diff_decode.cpp")
-_INCLUDE = _HERE / "cpu"  # simd.h
+_SOURCES = (_HERE / "linear" / "cpu_linear.cpp", _HERE / "linear" / "cpu_linear_avx512.cpp",
+            _HERE / "diff_decode" / "cpu_diff_decode.cpp", _HERE / "diff_decode" / "cpu_diff_decode_avx512.cpp")
+_INCLUDE = _HERE / "cpu"  # simd.h (AVX2 helpers), isa.h (the instruction sets and the AVX-512 kernels' entry points)
 
 
 def cache_dir() -> Path:
@@ -62,7 +65,7 @@ def _load() -> None:
     if not hasattr(torch.ops, "sambay_cpu") or not hasattr(torch.ops.sambay_cpu, "linear_dense"):
         from torch.utils.cpp_extension import load
 
-        text = b"".join(src.read_bytes() for src in (*_SOURCES, _INCLUDE / "simd.h"))
+        text = b"".join(src.read_bytes() for src in (*_SOURCES, _INCLUDE / "simd.h", _INCLUDE / "isa.h"))
         tag = hashlib.sha256(text + torch.__version__.encode()).hexdigest()[:12]
         build = cache_dir() / f"linear-{tag}"
         build.mkdir(parents=True, exist_ok=True)
@@ -83,19 +86,21 @@ def _register_fakes() -> None:
         return
 
     @torch.library.register_fake("sambay_cpu::linear_dense")
-    def _(x, weight):
-        return x.new_empty(x.shape[0], weight.shape[0])
+    def _(x, weight, isa="auto"):
+        return x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32)
 
-    @torch.library.register_fake("sambay_cpu::linear_int8")
-    def _(x, qweight, scales):
-        return x.new_empty(x.shape[0], qweight.shape[0])
+    for name in ("linear_int8", "linear_int8_a8"):
+        @torch.library.register_fake(f"sambay_cpu::{name}")
+        def _(x, qweight, scales, isa="auto"):
+            return x.new_empty(x.shape[0], qweight.shape[0])
 
-    @torch.library.register_fake("sambay_cpu::linear_int4")
-    def _(x, qweight, scales, mins, group_size):
-        return x.new_empty(x.shape[0], qweight.shape[0])
+    for name in ("linear_int4", "linear_int4_a8"):
+        @torch.library.register_fake(f"sambay_cpu::{name}")
+        def _(x, qweight, scales, mins, group_size, isa="auto"):
+            return x.new_empty(x.shape[0], qweight.shape[0])
 
     @torch.library.register_fake("sambay_cpu::diff_decode")
-    def _(q, k, v, valid, lam, scale):
+    def _(q, k, v, valid, lam, scale, isa="auto"):
         return q.new_empty(k.shape[0], k.shape[2], q.shape[3], v.shape[3])
 
     _FAKES_DONE.append(True)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sambay.kernels.linear import linear, linear_int4, linear_int8
+from sambay.kernels.linear import linear, linear_int4, linear_int4_a8, linear_int8, linear_int8_a8
 from sambay.kernels.linear import ref as quant_ref
 
 
@@ -33,11 +33,16 @@ class QuantLinear(nn.Module):
 
     Buffers (the state-dict entries ``<name>.qweight``, ``<name>.scales`` and, for int4, ``<name>.mins``) as in
     :mod:`sambay.kernels.linear.ref`; ``bias`` (N,) keeps its dtype. Outputs are in ``dtype`` (the model's).
+    ``activations``: None (weight-only: the activation as it is) or "int8" (the activation quantized per block of
+    32 columns before the product, linear.ref.fake_quantize_activations; a mode, not stored in the weights).
     """
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int | None = None,
-                 bias: bool = False, dtype: torch.dtype = torch.bfloat16, device=None):
+                 bias: bool = False, dtype: torch.dtype = torch.bfloat16, device=None, activations: str | None = None):
         super().__init__()
+        if activations not in (None, "int8"):
+            raise ValueError(f"QuantLinear: activations must be None or 'int8', got {activations!r}")
+        self.activations = activations
         if bits not in (4, 8):
             raise ValueError(f"QuantLinear: bits must be 8 or 4, got {bits!r}")
         if bits == 4 and (group_size not in quant_ref.INT4_GROUP_SIZES or in_features % group_size):
@@ -59,11 +64,12 @@ class QuantLinear(nn.Module):
 
     @classmethod
     @torch.no_grad()
-    def from_linear(cls, linear: nn.Linear, bits: int, group_size: int | None = None) -> QuantLinear:
+    def from_linear(cls, linear: nn.Linear, bits: int, group_size: int | None = None,
+                    activations: str | None = None) -> QuantLinear:
         """Quantize ``linear``'s weight (the result shares nothing with it)."""
         w = linear.weight
         q = cls(w.shape[1], w.shape[0], bits, group_size, bias=linear.bias is not None, dtype=w.dtype,
-                device=torch.device("meta"))
+                device=torch.device("meta"), activations=activations)
         q.load_weight(w)
         if linear.bias is not None:
             q.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
@@ -105,13 +111,16 @@ class QuantLinear(nn.Module):
         return self._apply_to(x, self.bias)
 
     def _apply_to(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        a8 = self.activations == "int8"
         if self.bits == 8:
-            return linear_int8(x, self.qweight, self.scales, bias, self.backend)
-        return linear_int4(x, self.qweight, self.scales, self.mins, self.group_size, bias, self.backend)
+            return (linear_int8_a8 if a8 else linear_int8)(x, self.qweight, self.scales, bias, self.backend)
+        return (linear_int4_a8 if a8 else linear_int4)(x, self.qweight, self.scales, self.mins, self.group_size, bias,
+                                                        self.backend)
 
     def extra_repr(self) -> str:
         g = f", group_size={self.group_size}" if self.bits == 4 else ""
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}{g}, "
+        a = f", activations={self.activations}" if self.activations else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}{g}{a}, "
                 f"bias={self.bias is not None}, dtype={self.dtype}")
 
 

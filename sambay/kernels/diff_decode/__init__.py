@@ -100,10 +100,12 @@ def diff_decode_triton(q, k, v, valid, lam, scale, length=None) -> torch.Tensor:
         return triton_diff_decode.diff_decode_triton(q, k, v, valid, lam, scale, length)
 
 
-def diff_decode_cpu(q, k, v, valid, lam, scale, length=None) -> torch.Tensor:
+def diff_decode_cpu(q, k, v, valid, lam, scale, length=None, isa: str = "auto") -> torch.Tensor:
     """The C++ kernel (``cpu_diff_decode.cpp``): K/V (bf16, fp16 or fp32, unit last stride) read once in their own
     dtype, the math in fp32, rounded once to q's dtype; ``valid=None`` means every slot visible. The kernel reads
-    each sequence up to its last visible slot, so ``length`` is applied to ``valid`` (1 byte a slot)."""
+    each sequence up to its last visible slot, so ``length`` is applied to ``valid`` (1 byte a slot). ``isa``:
+    "auto" (the widest variant the CPU has: AVX-512, ``cpu_diff_decode_avx512.cpp``, else AVX2), "avx2" or
+    "avx512"."""
     B, Hq, D = q.shape
     G = k.shape[2]
     if length is not None:
@@ -112,7 +114,7 @@ def diff_decode_cpu(q, k, v, valid, lam, scale, length=None) -> torch.Tensor:
     qg = q.reshape(B, G, Hq // 2 // G, 2, D).transpose(2, 3)  # (B, G, 2, R, D): diff head j = g R + r, map m
     valid = q.new_empty(0, dtype=torch.bool) if valid is None else valid.contiguous()
     lam32 = lam.detach().float().reshape(1) if isinstance(lam, torch.Tensor) else torch.tensor([float(lam)])
-    out = torch.ops.sambay_cpu.diff_decode(qg.float().contiguous(), k, v, valid, lam32, float(scale))  # (B,G,R,2D)
+    out = torch.ops.sambay_cpu.diff_decode(qg.float().contiguous(), k, v, valid, lam32, float(scale), isa)
     return out.reshape(B, Hq // 2, 2 * D).to(q.dtype)
 
 

@@ -10,6 +10,8 @@
 //               valid (B, S) bool contiguous, or an empty tensor for "all visible";  lam (1,) fp32;  scale)
 //       -> (B, G, R, E) fp32; a sequence with no visible slot gets zeros (as diff_decode_ref).
 // k and v need a unit last stride; their other strides are free (views of a longer cache).
+// ``isa`` ("auto", "avx2", "avx512") picks the variant of the two K/V loops (scores, p V): decode_avx512.cpp holds
+// the AVX-512 one; the softmax is shared.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/zeros.h>
@@ -20,8 +22,10 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <string>
 #include <vector>
 
+#include "isa.h"
 #include "simd.h"
 
 namespace {
@@ -188,9 +192,14 @@ at::Tensor vector_part(const at::Tensor& x, int64_t d16, bool permuted) {
   return head.reshape({rows, d16 / 16, 2, 2, 4}).transpose(2, 3).contiguous().view({rows, d16});
 }
 
+template <typename T> constexpr int kKind = sambay_isa::kKvF32;
+template <> constexpr int kKind<uint16_t> = sambay_isa::kKvBf16;
+template <> constexpr int kKind<f16> = sambay_isa::kKvF16;
+
 template <typename T>
 at::Tensor run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& valid, float lam,
-               float scale) {
+               float scale, sambay_isa::Isa isa) {
+  const bool wide = isa == sambay_isa::Isa::kAvx512;
   const int64_t B = k.size(0), G = k.size(2), S_all = k.size(3), D = k.size(4), R = q.size(3), E = v.size(3);
   const int64_t d16 = D - D % 16;
   at::Tensor qv = vector_part(q, d16, Permuted<T>::value);
@@ -212,8 +221,9 @@ at::Tensor run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
       const int64_t b = t / G, g = t % G, S = used[b];
       for (int64_t m = 0; m < 2; ++m) {
         const int64_t row = ((b * G + g) * 2 + m) * R;
-        scores<T>(qvp + row * d16, qp + row * D, kp + b * k.stride(0) + m * k.stride(1) + g * k.stride(2),
-                  sc.data() + m * R * S, R, D, d16, S, k.stride(3));
+        const T* km = kp + b * k.stride(0) + m * k.stride(1) + g * k.stride(2);
+        if (wide) sambay_isa::diff_scores_avx512(kKind<T>, qp + row * D, km, sc.data() + m * R * S, R, D, S, k.stride(3));
+        else scores<T>(qvp + row * d16, qp + row * D, km, sc.data() + m * R * S, R, D, d16, S, k.stride(3));
       }
       const uint8_t* vis = visible ? visible + b * S_all : nullptr;
       bool any = true;
@@ -235,14 +245,16 @@ at::Tensor run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
                                                    _mm256_mul_ps(_mm256_loadu_ps(p1 + s), a)));
         for (; s < S; ++s) p1[s] = p1[s] * inv[r] - lam * inv[R + r] * p2[s];
       }
-      pv<T>(sc.data(), vp + b * v.stride(0) + g * v.stride(1), op + t * R * E, R, S, E, v.stride(2));
+      const T* vg = vp + b * v.stride(0) + g * v.stride(1);
+      if (wide) sambay_isa::diff_pv_avx512(kKind<T>, sc.data(), vg, op + t * R * E, R, S, E, v.stride(2));
+      else pv<T>(sc.data(), vg, op + t * R * E, R, S, E, v.stride(2));
     }
   });
   return out;
 }
 
 at::Tensor diff_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& valid,
-                       const at::Tensor& lam, double scale) {
+                       const at::Tensor& lam, double scale, c10::string_view isa_name) {
   const char* op = "sambay_cpu::diff_decode";
   TORCH_CHECK(k.device().is_cpu() && k.dim() == 5 && k.size(1) == 2 && k.stride(4) == 1, op,
               ": k must be a (B, 2, G, S, D) CPU tensor with unit last stride, got ", k.sizes(), " strides ",
@@ -261,10 +273,11 @@ at::Tensor diff_decode(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   TORCH_CHECK(lam.numel() == 1 && lam.scalar_type() == at::kFloat && lam.device().is_cpu(), op,
               ": lam must be a one-element fp32 CPU tensor, got ", lam.scalar_type(), " ", lam.sizes());
   const float l = lam.data_ptr<float>()[0], s = static_cast<float>(scale);
+  const sambay_isa::Isa isa = sambay_isa::pick(std::string(isa_name).c_str(), op);
   switch (k.scalar_type()) {
-    case at::kBFloat16: return run<uint16_t>(q, k, v, valid, l, s);
-    case at::kHalf: return run<f16>(q, k, v, valid, l, s);
-    case at::kFloat: return run<float>(q, k, v, valid, l, s);
+    case at::kBFloat16: return run<uint16_t>(q, k, v, valid, l, s, isa);
+    case at::kHalf: return run<f16>(q, k, v, valid, l, s, isa);
+    case at::kFloat: return run<float>(q, k, v, valid, l, s, isa);
     default: TORCH_CHECK(false, op, ": k and v must be bfloat16, float16 or float32, got ", k.scalar_type());
   }
 }
@@ -272,7 +285,7 @@ at::Tensor diff_decode(const at::Tensor& q, const at::Tensor& k, const at::Tenso
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(sambay_cpu, m) {
-  m.def("diff_decode(Tensor q, Tensor k, Tensor v, Tensor valid, Tensor lam, float scale) -> Tensor");
+  m.def("diff_decode(Tensor q, Tensor k, Tensor v, Tensor valid, Tensor lam, float scale, str isa=\"auto\") -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(sambay_cpu, CPU, m) { m.impl("diff_decode", &diff_decode); }

@@ -6,6 +6,11 @@ int4, per group of ``group_size`` input columns (asymmetric):
     qweight (N, K/2) uint8, scales and mins (N, K/G) bf16;     w[n, k] = q[n, k] * scales[n, k//G] + mins[n, k//G]
     with q in [0, 15]; byte j of a row holds column 2j in its low nibble and column 2j+1 in its high nibble.
 
+8-bit activations (optional, ``activations="int8"`` in quant.py), dynamic, per block of ``ACT_BLOCK`` columns of each
+activation row (as llama.cpp's Q8_0):  d = max|x_b| / 127 (fp32), q = round-half-even(x / d) in [-127, 127]
+(q = 0 for an all-zero block), x_hat = q * d. The ``*_a8`` twins run the weight-only twin on x_hat; the kernels
+take integer dot products of q with the weight codes. Per element |x - x_hat| <= d / 2 = max|x_b| / 254.
+
 The twins dequantize to fp32 and multiply in fp32, so they equal the compiled kernels
 (``cpu_linear.cpp``) up to the order of the fp32 sums.
 """
@@ -148,3 +153,51 @@ def linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
+
+
+# ------------------------------------------------------------------------------------ 8-bit activations
+ACT_BLOCK = 32
+
+
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (..., K) -> codes (..., ceil(K/32)*32) int8 (the last block zero-padded), scales (..., ceil(K/32)) fp32."""
+    K = x.shape[-1]
+    pad = -K % ACT_BLOCK
+    xb = F.pad(x.detach().float(), (0, pad)).unflatten(-1, (-1, ACT_BLOCK))
+    amax = xb.abs().amax(-1)
+    d = amax / 127.0
+    safe = torch.where(amax > 0, d, torch.ones_like(d))[..., None]
+    q = torch.where(amax[..., None] > 0, torch.round(xb / safe), torch.zeros_like(xb)).clamp_(-127, 127)
+    return q.to(torch.int8).flatten(-2), d
+
+
+def fake_quantize_activations(x: torch.Tensor) -> torch.Tensor:
+    """x (..., K) -> x_hat (..., K) fp32, the value the 8-bit-activation kernels compute with. The gradient passes
+    straight through (d x_hat / d x = 1), so the float parameters before a quantized linear can still be trained."""
+    K = x.shape[-1]
+    q, d = quantize_activations(x)
+    x_hat = (q.float().unflatten(-1, (-1, ACT_BLOCK)) * d[..., None]).flatten(-2)[..., :K]
+    return _StraightThrough.apply(x, x_hat) if x.requires_grad else x_hat
+
+
+class _StraightThrough(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, x_hat):
+        ctx.dtype = x.dtype
+        return x_hat
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.to(ctx.dtype), None
+
+
+def linear_int8_a8_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                       bias: torch.Tensor | None = None) -> torch.Tensor:
+    """linear_int8_ref on the 8-bit activation x_hat -> (..., N) in x.dtype."""
+    return linear_int8_ref(fake_quantize_activations(x), qweight, scales, bias).to(x.dtype)
+
+
+def linear_int4_a8_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
+                       group_size: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """linear_int4_ref on the 8-bit activation x_hat -> (..., N) in x.dtype."""
+    return linear_int4_ref(fake_quantize_activations(x), qweight, scales, mins, group_size, bias).to(x.dtype)

@@ -11,15 +11,18 @@ from sambay.kernels import active_backends, diff_attend
 from sambay.kernels import diff_decode as dd
 from sambay.kernels.diff_decode.ref import diff_decode_ref
 
-pytestmark = pytest.mark.skipif(active_backends("cpu")["diff_decode"] != "sambay_cpu",
-                                reason="sambay's CPU kernels cannot be built or run on this machine")
+KERNELS = active_backends("cpu")["diff_decode"] == "sambay_cpu"
+pytestmark = pytest.mark.skipif(not KERNELS, reason="sambay's CPU kernels cannot be built or run on this machine")
+AVAILABLE = [name.split("+")[0] for name in torch.ops.sambay_cpu.isas()] if KERNELS else []
+ISAS = [pytest.param(isa, marks=pytest.mark.skipif(isa not in AVAILABLE, reason=f"this CPU has no {isa}"))
+        for isa in ("avx2", "avx512")]
 
 
-def diff_decode_cpu(q1, q2, k, v, valid, lam, scale):
+def diff_decode_cpu(q1, q2, k, v, valid, lam, scale, isa="auto"):
     """The kernel (signature (q, k, v, valid, lam, scale)) on the two maps' queries as the model holds them."""
     B, H2, _, D = q1.shape
     q = torch.stack([q1[:, :, 0], q2[:, :, 0]], dim=2).view(B, 2 * H2, D)  # checkpoint order 2j, 2j+1
-    return dd.diff_decode_cpu(q, k, v, valid, lam, scale)[:, :, None]
+    return dd.diff_decode_cpu(q, k, v, valid, lam, scale, isa=isa)[:, :, None]
 
 
 def _case(B, G, R, S, D, dtype, seed=0, spare=3):
@@ -44,15 +47,17 @@ def _ref(q1, q2, k, v, valid, lam, scale):
     (1, 2, 3, 5000, 8),     # D < 16 (scalar dims only), S split over tasks
     (3, 1, 4, 9, 24),       # D with a tail past the vector part, several sequences
     (1, 1, 1, 1, 64),       # one slot
+    (1, 2, 3, 70, 80),      # E = 160: a second, masked block of 128 output columns; rows in a pair and one alone
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_kernel_equals_spec(B, G, R, S, D, dtype):
+@pytest.mark.parametrize("isa", ISAS)
+def test_kernel_equals_spec(B, G, R, S, D, dtype, isa):
     q1, q2, k, v = _case(B, G, R, S, D, dtype)
     lam = torch.tensor(0.37).to(dtype)
     valid = torch.rand(B, S, generator=torch.Generator().manual_seed(1)) > 0.3
     valid[:, 0] = True
     for vis in (None, valid):
-        out = diff_decode_cpu(q1, q2, k, v, vis, lam, D ** -0.5)
+        out = diff_decode_cpu(q1, q2, k, v, vis, lam, D ** -0.5, isa)
         ref = _ref(q1, q2, k, v, vis, lam, D ** -0.5)
         assert out.dtype == dtype and out.shape == ref.shape
         # fp32: the order of the fp32 sums only; bf16/fp16: one rounding of the result (2^-9 / 2^-12) plus that
