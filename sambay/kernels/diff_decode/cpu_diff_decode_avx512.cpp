@@ -122,6 +122,54 @@ void pv_rows(const float* p, const char* v, float* out, int64_t S, int64_t E, in
     for (int c = 0; c < kVec; ++c) _mm512_mask_storeu_ps(out + i * E + e0 + 16 * c, m[c], acc[i][c]);
 }
 
+// As pv_rows for bf16 V and even E: 32 columns a load, widened without a shuffle (an fp32's high half: the even
+// columns shifted up, the odd ones masked), so the loop's only shuffles are gone; the accumulators hold even and
+// odd columns apart and are interleaved once at the end.
+template <int MB>
+void pv_rows_bf16(const float* p, const uint16_t* v, float* out, int64_t S, int64_t E, int64_t e0, int64_t v_stride) {
+  constexpr int kVec = 4;  // 4 x 32 columns
+  __mmask16 m[kVec];
+  for (int c = 0; c < kVec; ++c) {
+    const int64_t pairs = (E - e0 - 32 * c) / 2;
+    m[c] = pairs >= 16 ? 0xFFFF : pairs <= 0 ? 0 : static_cast<__mmask16>((1u << pairs) - 1);
+  }
+  alignas(64) float even[MB][kVec][16], odd[MB][kVec][16];
+  for (int i = 0; i < MB; ++i)
+    for (int c = 0; c < kVec; ++c)
+      for (int l = 0; l < 16; ++l) {
+        const int64_t e = e0 + 32 * c + 2 * l;
+        even[i][c][l] = e < E ? out[i * E + e] : 0.f;
+        odd[i][c][l] = e < E ? out[i * E + e + 1] : 0.f;
+      }
+  __m512 ae[MB][kVec], ao[MB][kVec];
+  for (int i = 0; i < MB; ++i)
+    for (int c = 0; c < kVec; ++c) ae[i][c] = _mm512_load_ps(even[i][c]), ao[i][c] = _mm512_load_ps(odd[i][c]);
+  const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  for (int64_t s = 0; s < S; ++s) {
+    const uint16_t* row = v + s * v_stride + e0;
+    __m512 pb[MB];
+    for (int i = 0; i < MB; ++i) pb[i] = _mm512_set1_ps(p[i * S + s]);
+    for (int c = 0; c < kVec; ++c) {
+      if (!m[c]) break;
+      const __m512i x = _mm512_maskz_loadu_epi32(m[c], row + 32 * c);
+      const __m512 xe = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+      const __m512 xo = _mm512_castsi512_ps(_mm512_and_si512(x, high));
+      for (int i = 0; i < MB; ++i) {
+        ae[i][c] = _mm512_fmadd_ps(pb[i], xe, ae[i][c]);
+        ao[i][c] = _mm512_fmadd_ps(pb[i], xo, ao[i][c]);
+      }
+    }
+  }
+  for (int i = 0; i < MB; ++i)
+    for (int c = 0; c < kVec; ++c) _mm512_store_ps(even[i][c], ae[i][c]), _mm512_store_ps(odd[i][c], ao[i][c]);
+  for (int i = 0; i < MB; ++i)
+    for (int c = 0; c < kVec; ++c)
+      for (int l = 0; l < 16; ++l) {
+        const int64_t e = e0 + 32 * c + 2 * l;
+        if (e < E) out[i * E + e] = even[i][c][l], out[i * E + e + 1] = odd[i][c][l];
+      }
+}
+
 template <int KIND>
 void scores_t(const float* q, const void* k, float* sc, int64_t R, int64_t D, int64_t S, int64_t k_stride) {
   const char* kp = static_cast<const char*>(k);
@@ -135,6 +183,12 @@ void pv_t(const float* p, const void* v, float* out, int64_t R, int64_t S, int64
   const char* vp = static_cast<const char*>(v);
   for (int64_t e0 = 0; e0 < E; e0 += 128) {
     int64_t r = 0;
+    if (KIND == kKvBf16 && E % 2 == 0 && v_stride % 2 == 0) {  // 4-byte aligned pairs of columns
+      const uint16_t* vb = static_cast<const uint16_t*>(v);
+      for (; r + 2 <= R; r += 2) pv_rows_bf16<2>(p + r * S, vb, out + r * E, S, E, e0, v_stride);
+      for (; r < R; ++r) pv_rows_bf16<1>(p + r * S, vb, out + r * E, S, E, e0, v_stride);
+      continue;
+    }
     for (; r + 2 <= R; r += 2) pv_rows<KIND, 2>(p + r * S, vp, out + r * E, S, E, e0, v_stride);
     for (; r < R; ++r) pv_rows<KIND, 1>(p + r * S, vp, out + r * E, S, E, e0, v_stride);
   }
