@@ -26,6 +26,7 @@ import argparse
 import collections
 import itertools
 import sys
+import time
 
 import torch
 
@@ -77,7 +78,8 @@ def fbgemm_int8(q8: tuple):
         return torch.ops.quantized.linear_prepack(w, None)
 
 
-def time_shape(n: int, k: int, group_size: int, cycle_bytes: int, repeats: int, peers: bool = True) -> dict:
+def time_shape(n: int, k: int, group_size: int, cycle_bytes: int, repeats: int, peers: bool = True,
+               clock=time.perf_counter) -> dict:
     """Median seconds per call of each subject for one (N, K) weight, cycling over copies of it, all interleaved.
     Activations are one row: fp32 for sambay's fp32-activation kernels, bf16 where the model passes bf16 (sambay's
     bf16 linear, and ATen's kernels, which take bf16)."""
@@ -116,8 +118,8 @@ def time_shape(n: int, k: int, group_size: int, cycle_bytes: int, repeats: int, 
         if grouped and n % 16 == 0:  # ATen's int4 packing takes N in multiples of 16
             a4 = [aten_int4(t, G) for t in q4]
             fns["aten int4"] = lambda j: torch.ops.aten._weight_int4pack_mm_for_cpu(xb, a4[j][0], G, a4[j][1])
-    seconds = {f: median(samples) for f, samples in interleaved({f: cycled(c) for f, c in fns.items()},
-                                                                 repeats).items()}
+    timed = interleaved({f: cycled(c) for f, c in fns.items()}, repeats, clock=clock)
+    seconds = {f: median(samples) for f, samples in timed.items()}
     if not grouped:  # the dense linear is what the int4 model runs there
         dense = {"int4": "bf16", "int4 a8": "bf16", "int4 avx2": "bf16 avx2", "int4 a8 avx2": "bf16 avx2",
                  "aten int4": "aten bf16"}
@@ -126,16 +128,18 @@ def time_shape(n: int, k: int, group_size: int, cycle_bytes: int, repeats: int, 
     return {"seconds": seconds, "bytes": nbytes}
 
 
-def time_decode(config: SambaYConfig, context: int, repeats: int) -> tuple[float, int]:
-    """Seconds per call of the decode attention over a (1, 2, G, S, D) / (1, G, S, 2D) bf16 K/V, and its bytes."""
+def time_decode(config: SambaYConfig, context: int, repeats: int, clock=time.perf_counter) -> tuple[dict, int]:
+    """Seconds per call of the decode attention over a (1, 2, G, S, D) / (1, G, S, 2D) bf16 K/V (queries exactly
+    bf16, as a bf16 model's), per instruction-set variant the CPU has, interleaved; and the K/V bytes."""
     d, groups = config.head_dim, config.num_key_value_heads // 2  # diff attention: kv pairs of two key stripes
     k = torch.randn(1, 2, groups, context, d, dtype=torch.bfloat16)
     v = torch.randn(1, groups, context, 2 * d, dtype=torch.bfloat16)
     rows = config.num_attention_heads // 2 // groups
-    q = torch.randn(1, groups, 2, rows, d)
+    q = torch.randn(1, groups, 2, rows, d).bfloat16().float()
     lam, valid = torch.tensor([0.3]), torch.empty(0, dtype=torch.bool)
-    call = {"attention": lambda: torch.ops.sambay_cpu.diff_decode(q, k, v, valid, lam, d**-0.5)}
-    return median(interleaved(call, repeats)["attention"]), (k.numel() + v.numel()) * 2
+    calls = {isa: (lambda isa=isa: torch.ops.sambay_cpu.diff_decode(q, k, v, valid, lam, d**-0.5, isa))
+             for isa in (i.split("+")[0] for i in torch.ops.sambay_cpu.isas())}
+    return {f: median(t) for f, t in interleaved(calls, repeats, clock=clock).items()}, (k.numel() + v.numel()) * 2
 
 
 def main(argv=None) -> int:
@@ -149,8 +153,13 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--bandwidth-mib", type=int, default=2048)
     p.add_argument("--no-peers", action="store_true", help="time sambay's kernels only (not ATen's and FBGEMM's)")
+    p.add_argument("--clock", choices=("wall", "thread"), default="wall",
+                   help="thread: the calling thread's CPU time (only with --threads 1; for a shared machine)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.clock == "thread" and args.threads != 1:
+        p.error("--clock thread measures one thread's CPU time: use it with --threads 1")
+    clock = time.thread_time if args.clock == "thread" else time.perf_counter
     reason = cpu_probe()
     if reason is not None:
         print(f"bench_cpu_kernels: the CPU kernels are not available: {reason}")
@@ -163,7 +172,8 @@ def main(argv=None) -> int:
     total_bytes: dict[str, int] = collections.defaultdict(int)
     missing: dict[str, list] = collections.defaultdict(list)  # subject -> the shapes it cannot take
     for (n, k), count in sorted(linear_shapes(config).items(), key=lambda t: -t[0][0] * t[0][1] * t[1]):
-        r = time_shape(n, k, args.group_size, args.cycle_mib * 2**20, args.repeats, peers=not args.no_peers)
+        r = time_shape(n, k, args.group_size, args.cycle_mib * 2**20, args.repeats, peers=not args.no_peers,
+                       clock=clock)
         cells = []
         missing |= {f: missing[f] + [(n, k)] for f in SUBJECTS if f not in r["seconds"] and (f in totals or not
                                                                                             args.no_peers)}
@@ -188,9 +198,10 @@ def main(argv=None) -> int:
         mine = peer.split(" ", 1)[1]
         if peer in totals and mine in totals and not missing.get(peer):
             print(f"  {peer} / sambay {mine}: {totals[peer] / totals[mine]:.2f}x the time")
-    s, nbytes = time_decode(config, args.context, max(3, args.repeats // 3))
-    print(f"decode attention at {args.context} keys: {1e3 * s:.2f} ms a layer for {nbytes / 1e6:.0f} MB, "
-          f"{nbytes / s / 1e9:.1f} GB/s ({nbytes / s / 1e9 / bandwidth:.2f} of the read bandwidth)")
+    seconds, nbytes = time_decode(config, args.context, max(3, args.repeats // 3), clock)
+    for isa, s in seconds.items():
+        print(f"decode attention at {args.context} keys ({isa}): {1e3 * s:.2f} ms a layer for {nbytes / 1e6:.0f} MB, "
+              f"{nbytes / s / 1e9:.1f} GB/s ({nbytes / s / 1e9 / bandwidth:.2f} of the read bandwidth)")
     return 0
 
 

@@ -35,4 +35,4 @@ def test_bench_cpu_kernels_on_the_tiny_config():
                                        if line.startswith("  (") and " x" in line)
     for fmt in ("bf16", "int8", "int4"):
         assert f"  {fmt}: " in out and "x the floor" in out
-    assert "decode attention at 64 keys:" in out
+    assert "decode attention at 64 keys (avx2):" in out
