@@ -43,7 +43,8 @@ void dense_int8_avx512(const float* x, const int8_t* w, const float* scale, floa
 // x (M, K) bf16 against w (N, K) bf16 with vdpbf16ps (needs has_avx512_bf16())
 void dense_bf16x_avx512(const uint16_t* x, const uint16_t* w, float* out, int64_t M, int64_t N, int64_t K,
                         int64_t n0, int64_t n1);
-// int4 weight-only: x split into int16 limbs per 64 columns ([32 even | 32 odd]), G a multiple of 64
+// int4 weight-only: x split into int16 limbs (linear.cpp's split_x): G a multiple of 128 in the layout of 128-column
+// steps ([nibble 0 | 1 | 2 | 3] of each 16-bit lane), else G a multiple of 64 in 64-column steps ([32 even | 32 odd])
 void int4_limbs_avx512(const int16_t* hi, const int16_t* lo, const float* inv, const float* xsum, const uint8_t* q,
                        const uint16_t* sc, const uint16_t* mn, float* out, int64_t M, int64_t N, int64_t K, int64_t G,
                        int64_t n0, int64_t n1);

@@ -212,7 +212,8 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& qweight, const at:
 // 2^-29 of the group's largest |x|, far below fp32 rounding of the sum). Then sum_k q_k x_k = (A + B 2^-14) / c_g
 // with A = sum q hi and B = sum q lo exact int32 sums (vpmaddwd / vpdpwssd, no conversion); they are converted to
 // fp32 once per group. The limbs are stored per `span` columns (32 for AVX2, 64 for AVX-512) as [even | odd]
-// halves, matching the low and high nibbles of packed bytes widened to 16-bit lanes.
+// halves, matching the low and high nibbles of packed bytes widened to 16-bit lanes; span 128 (AVX-512, groups of
+// 128 or more) as four quarters [4i | 4i + 1 | 4i + 2 | 4i + 3], the four nibbles of unwidened 16-bit lanes.
 struct Int4X {
   std::vector<int16_t> hi, lo;  // (M, K) in nibble order
   std::vector<float> inv, sum;  // (M, K/G): 1 / c_g, and sum_k x_k over the group (fp32, for the minimums)
@@ -231,7 +232,8 @@ Int4X split_x(const float* x, int64_t M, int64_t K, int64_t G, int64_t span) {
       s.sum[m * (K / G) + g] = sum;
       for (int64_t i = 0; i < G; ++i) {
         const float v = xg[i] * c, h = std::nearbyint(v);
-        const int64_t j = i % span, dst = m * K + g * G + (i - j) + (j % 2) * (span / 2) + j / 2;
+        const int64_t j = i % span, within = span == 128 ? (j % 4) * 32 + j / 4 : (j % 2) * (span / 2) + j / 2;
+        const int64_t dst = m * K + g * G + (i - j) + within;
         s.hi[dst] = static_cast<int16_t>(h);
         s.lo[dst] = static_cast<int16_t>(std::nearbyint((v - h) * 16384.f));
       }
@@ -308,7 +310,7 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& qweight, const at:
   const Isa isa = pick(name == "auto" && a.G % 64 ? "avx2" : name.c_str(), op);
   TORCH_CHECK(isa == Isa::kAvx2 || a.G % 64 == 0, op, ": the avx512 variant needs group_size a multiple of 64, got ",
               a.G);
-  const Int4X xs = split_x(x.data_ptr<float>(), a.M, a.K, a.G, isa == Isa::kAvx2 ? 32 : 64);
+  const Int4X xs = split_x(x.data_ptr<float>(), a.M, a.K, a.G, isa == Isa::kAvx2 ? 32 : a.G % 128 ? 64 : 128);
   return rows_out(a.M, a.N, a.K, 0.5, [&](float* o, int64_t n0, int64_t n1) {
     if (isa == Isa::kAvx512) {
       int4_limbs_avx512(xs.hi.data(), xs.lo.data(), xs.inv.data(), xs.sum.data(), a.q, a.sc, a.mn, o, a.M, a.N, a.K,
