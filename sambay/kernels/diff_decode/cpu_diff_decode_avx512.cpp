@@ -17,6 +17,10 @@
 namespace sambay_isa {
 namespace {
 
+// Rows (keys) read ahead in software: the rows are contiguous per head, but the loops read each one in pieces
+// between multiply-adds and the hardware prefetcher alone left the decode attention at ~0.8 of a plain read.
+constexpr int64_t kAheadRows = 16;
+
 // 16 stored values from p (mask m) as fp32
 template <int KIND>
 inline __m512 load16(const void* p, __mmask16 m) {
@@ -80,8 +84,11 @@ void score_rows_bf16(const uint16_t* q, const uint16_t* k, float* sc, int64_t D,
     for (int64_t d = 0; d < D; d += 32) {
       const __mmask32 m = D - d >= 32 ? 0xFFFFFFFFu : static_cast<__mmask32>((1u << (D - d)) - 1);
       __m512bh kv[4];
-      for (int j = 0; j < 4; ++j)
-        kv[j] = (__m512bh)_mm512_maskz_loadu_epi16(j < keys ? m : 0, k + (s + (j < keys ? j : 0)) * k_stride + d);
+      for (int j = 0; j < 4; ++j) {
+        const uint16_t* row = k + (s + (j < keys ? j : 0)) * k_stride + d;
+        _mm_prefetch(reinterpret_cast<const char*>(row + kAheadRows * k_stride), _MM_HINT_T0);
+        kv[j] = (__m512bh)_mm512_maskz_loadu_epi16(j < keys ? m : 0, row);
+      }
       for (int r = 0; r < RB; ++r) {
         const __m512bh qv = (__m512bh)_mm512_maskz_loadu_epi16(m, q + r * D + d);
         for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], kv[j], qv);
@@ -151,6 +158,7 @@ void pv_rows_bf16(const float* p, const uint16_t* v, float* out, int64_t S, int6
     for (int i = 0; i < MB; ++i) pb[i] = _mm512_set1_ps(p[i * S + s]);
     for (int c = 0; c < kVec; ++c) {
       if (!m[c]) break;
+      _mm_prefetch(reinterpret_cast<const char*>(row + kAheadRows * v_stride + 32 * c), _MM_HINT_T0);
       const __m512i x = _mm512_maskz_loadu_epi32(m[c], row + 32 * c);
       const __m512 xe = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
       const __m512 xo = _mm512_castsi512_ps(_mm512_and_si512(x, high));
