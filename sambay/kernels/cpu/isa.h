@@ -1,8 +1,9 @@
-// The instruction sets sambay's CPU kernels are built for, and the row-range kernels of each that the ops
-// (linear.cpp) dispatch to. Every function here computes rows [n0, n1) of out (M, N) fp32 for all M activation rows.
+// The instruction sets sambay's CPU kernels are built for, and the AVX-512 kernels that the ops (cpu_linear.cpp,
+// cpu_diff_decode.cpp) dispatch to. Each linear kernel computes rows [n0, n1) of out (M, N) fp32 for all M rows.
 //
 // Two variants exist: "avx2" (AVX2 + FMA + F16C, the whole extension is compiled for it) and "avx512" (AVX-512
-// F/BW/VL/DQ + VNNI, compiled per function in linear_avx512.cpp; its bf16-activation kernel also needs AVX512-BF16).
+// F/BW/VL/DQ + VNNI, compiled per function in cpu_linear_avx512.cpp and cpu_diff_decode_avx512.cpp; the
+// bf16-activation kernels also need AVX512-BF16).
 // Which one runs is chosen per call from the CPU's features (cpuid), or named by the caller (the tests run both).
 #pragma once
 
@@ -32,7 +33,7 @@ struct ActQ8 {
   int64_t Kc;
 };
 
-// ---- avx512 (linear_avx512.cpp) ---------------------------------------------------------------------------------
+// ---- avx512 (linear/cpu_linear_avx512.cpp) -----------------------------------------------------------------
 // x (M, K) fp32; w (N, K) bf16 / fp16 / int8 (scale: (N,) fp32 or nullptr)
 void dense_bf16_avx512(const float* x, const uint16_t* w, float* out, int64_t M, int64_t N, int64_t K, int64_t n0,
                        int64_t n1);
@@ -43,8 +44,9 @@ void dense_int8_avx512(const float* x, const int8_t* w, const float* scale, floa
 // x (M, K) bf16 against w (N, K) bf16 with vdpbf16ps (needs has_avx512_bf16())
 void dense_bf16x_avx512(const uint16_t* x, const uint16_t* w, float* out, int64_t M, int64_t N, int64_t K,
                         int64_t n0, int64_t n1);
-// int4 weight-only: x split into int16 limbs (linear.cpp's split_x): G a multiple of 128 in the layout of 128-column
-// steps ([nibble 0 | 1 | 2 | 3] of each 16-bit lane), else G a multiple of 64 in 64-column steps ([32 even | 32 odd])
+// int4 weight-only: x split into int16 limbs (cpu_linear.cpp's split_x): G a multiple of 128 in the layout of
+// 128-column steps ([nibble 0 | 1 | 2 | 3] of each 16-bit lane), else G a multiple of 64 in 64-column steps
+// ([32 even | 32 odd])
 void int4_limbs_avx512(const int16_t* hi, const int16_t* lo, const float* inv, const float* xsum, const uint8_t* q,
                        const uint16_t* sc, const uint16_t* mn, float* out, int64_t M, int64_t N, int64_t K, int64_t G,
                        int64_t n0, int64_t n1);
@@ -54,7 +56,7 @@ void int8_a8_avx512(const ActQ8& a, const int8_t* w, const float* scale, float* 
 void int4_a8_avx512(const ActQ8& a, const uint8_t* q, const uint16_t* sc, const uint16_t* mn, float* out, int64_t M,
                     int64_t N, int64_t K, int64_t G, int64_t n0, int64_t n1);
 
-// ---- decode attention, avx512 (decode_avx512.cpp): kind is the K/V dtype ---------------------------------------
+// ---- decode attention, avx512 (diff_decode/cpu_diff_decode_avx512.cpp): kind is the K/V dtype ----------------
 enum KvKind { kKvBf16 = 0, kKvF16 = 1, kKvF32 = 2 };
 // sc[r * S + s] = <q row r (R, D) fp32, key s> (keys of stride k_stride elements)
 void diff_scores_avx512(int kind, const float* q, const void* k, float* sc, int64_t R, int64_t D, int64_t S,

@@ -10,8 +10,8 @@
 //               valid (B, S) bool contiguous, or an empty tensor for "all visible";  lam (1,) fp32;  scale)
 //       -> (B, G, R, E) fp32; a sequence with no visible slot gets zeros (as diff_decode_ref).
 // k and v need a unit last stride; their other strides are free (views of a longer cache).
-// ``isa`` ("auto", "avx2", "avx512") picks the variant of the two K/V loops (scores, p V): decode_avx512.cpp holds
-// the AVX-512 one; the softmax is shared.
+// ``isa`` ("auto", "avx2", "avx512") picks the variant of the two K/V loops (scores, p V):
+// cpu_diff_decode_avx512.cpp holds the AVX-512 one; the softmax is shared.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/zeros.h>
@@ -222,7 +222,8 @@ at::Tensor run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
       for (int64_t m = 0; m < 2; ++m) {
         const int64_t row = ((b * G + g) * 2 + m) * R;
         const T* km = kp + b * k.stride(0) + m * k.stride(1) + g * k.stride(2);
-        if (wide) sambay_isa::diff_scores_avx512(kKind<T>, qp + row * D, km, sc.data() + m * R * S, R, D, S, k.stride(3));
+        if (wide)
+          sambay_isa::diff_scores_avx512(kKind<T>, qp + row * D, km, sc.data() + m * R * S, R, D, S, k.stride(3));
         else scores<T>(qvp + row * d16, qp + row * D, km, sc.data() + m * R * S, R, D, d16, S, k.stride(3));
       }
       const uint8_t* vis = visible ? visible + b * S_all : nullptr;

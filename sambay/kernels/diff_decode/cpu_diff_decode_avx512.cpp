@@ -1,6 +1,6 @@
-// The AVX-512 variant of the decode attention's two K/V-bound loops (decode.cpp has the op, the softmax and the
-// AVX2 variant): scores = q K^T over the keys, and out += p V. Compiled per function for AVX-512 (after every
-// include, as linear_avx512.cpp); each K or V element is widened exactly to fp32 in registers, fp32 multiply-adds.
+// The AVX-512 variant of the decode attention's two K/V-bound loops (cpu_diff_decode.cpp has the op, the softmax
+// and the AVX2 variant): scores = q K^T over the keys, and out += p V. Compiled per function for AVX-512 (after every
+// include, as cpu_linear_avx512.cpp); each K or V element is widened exactly to fp32 in registers, fp32 multiply-adds.
 //
 // Both loops read their rows in order, one pass each: p V keeps a whole output row pair (2 x E <= 2 x 128 fp32,
 // 16 registers) in registers, so V streams row after row (the AVX2 variant holds 16 columns and walks the rows in

@@ -5,8 +5,8 @@
 // At batch 1 a linear reads every weight byte once per token and does 2 flops per weight, so its speed is the
 // speed at which the weight streams from memory. These kernels convert each weight in registers and accumulate in
 // fp32, never writing a converted copy; rows are split over ATen's thread pool. Each op has an AVX2 variant (this
-// file, compiled for AVX2 + FMA + F16C) and an AVX-512 one (linear_avx512.cpp); ``isa`` picks it ("auto": from
-// the CPU's features, isa.h). Their plain-PyTorch twins (dequantize, then matmul) are in quant_ref.py and ops.py.
+// file, compiled for AVX2 + FMA + F16C) and an AVX-512 one (cpu_linear_avx512.cpp); ``isa`` picks it ("auto": from
+// the CPU's features, isa.h). Their plain-PyTorch twins (dequantize, then matmul) are in ref.py and __init__.py.
 //
 // Shapes: x (M, K) fp32 contiguous (linear_dense also takes bf16 x against a bf16 weight); W (N, K) contiguous
 // (int4: (N, K/2) bytes, element 2j in the low nibble of byte j, 2j+1 in the high one); scales (N,) fp32 (int8) or
@@ -194,7 +194,8 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& qweight, const at:
                        c10::string_view isa_name) {
   const char* op = "sambay_cpu::linear_int8";
   check_int8(x, qweight, scales, op);
-  if (pick(std::string(isa_name).c_str(), op) == Isa::kAvx2) return dense<int8_t>(x, qweight, scales.data_ptr<float>(), 1.0);
+  if (pick(std::string(isa_name).c_str(), op) == Isa::kAvx2)
+    return dense<int8_t>(x, qweight, scales.data_ptr<float>(), 1.0);
   const int64_t M = x.size(0), N = qweight.size(0), K = qweight.size(1);
   const float* xp = x.data_ptr<float>();
   const int8_t* wp = qweight.data_ptr<int8_t>();
@@ -437,7 +438,8 @@ inline void int4_a8_rows(const int8_t* xq, const float* lanes, const float* gsum
         acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), d, acc[r]);
       }
     }
-    for (int r = 0; r < RB; ++r) total[r] = _mm256_fmadd_ps(acc[r], _mm256_set1_ps(to_f32(sc[r * groups + g])), total[r]);
+    for (int r = 0; r < RB; ++r)
+      total[r] = _mm256_fmadd_ps(acc[r], _mm256_set1_ps(to_f32(sc[r * groups + g])), total[r]);
   }
   for (int r = 0; r < RB; ++r) {
     float offset = 0.f;
@@ -471,8 +473,9 @@ void int4_a8_avx2(const ActQ8& a, const uint8_t* q, const uint16_t* sc, const ui
     for (int64_t n = n0; n < n1;) {
       const int64_t rows = n + kA8Rows <= n1 ? kA8Rows : 1;
       const uint8_t* qr = q + n * (K / 2);
-      if (rows == kA8Rows) int4_a8_rows<kA8Rows>(xq, lanes, gsum, qr, sc + n * groups, mn + n * groups, K, G, out + m * N + n);
-      else int4_a8_rows<1>(xq, lanes, gsum, qr, sc + n * groups, mn + n * groups, K, G, out + m * N + n);
+      const uint16_t *s = sc + n * groups, *mi = mn + n * groups;
+      if (rows == kA8Rows) int4_a8_rows<kA8Rows>(xq, lanes, gsum, qr, s, mi, K, G, out + m * N + n);
+      else int4_a8_rows<1>(xq, lanes, gsum, qr, s, mi, K, G, out + m * N + n);
       n += rows;
     }
   }
@@ -543,9 +546,11 @@ Isa pick(const char* requested, const char* op) {
 TORCH_LIBRARY(sambay_cpu, m) {
   m.def("linear_dense(Tensor x, Tensor weight, str isa=\"auto\") -> Tensor");
   m.def("linear_int8(Tensor x, Tensor qweight, Tensor scales, str isa=\"auto\") -> Tensor");
-  m.def("linear_int4(Tensor x, Tensor qweight, Tensor scales, Tensor mins, int group_size, str isa=\"auto\") -> Tensor");
+  m.def("linear_int4(Tensor x, Tensor qweight, Tensor scales, Tensor mins, int group_size, str isa=\"auto\") "
+        "-> Tensor");
   m.def("linear_int8_a8(Tensor x, Tensor qweight, Tensor scales, str isa=\"auto\") -> Tensor");
-  m.def("linear_int4_a8(Tensor x, Tensor qweight, Tensor scales, Tensor mins, int group_size, str isa=\"auto\") -> Tensor");
+  m.def("linear_int4_a8(Tensor x, Tensor qweight, Tensor scales, Tensor mins, int group_size, str isa=\"auto\") "
+        "-> Tensor");
   m.def("isas() -> str[]", &isas);
 }
 

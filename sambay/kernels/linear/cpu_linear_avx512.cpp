@@ -1,4 +1,4 @@
-// The AVX-512 variant of sambay's decode-linear kernels (see linear.cpp for the ops, the formats and the AVX2
+// The AVX-512 variant of sambay's decode-linear kernels (see cpu_linear.cpp for the ops, the formats and the AVX2
 // variant). Only this file's own functions are compiled for AVX-512 (the pragma below comes after every include,
 // so no inline function from a header is emitted with AVX-512 instructions for the AVX2 paths to pick up); the ops
 // call them only where the CPU has the features (isa.h).
@@ -98,7 +98,7 @@ inline float bf16_to_f32(uint16_t b) {
   return _mm_cvtss_f32(_mm_castsi128_ps(_mm_cvtsi32_si128(static_cast<int>(static_cast<uint32_t>(b) << 16))));
 }
 
-// ---- int4, weight only: the activation in int16 limbs (see linear.cpp's split_x), 64 columns a step --------------
+// ---- int4, weight only: the activation in int16 limbs (see cpu_linear.cpp's split_x), 64 columns a step ---------
 template <int RB>
 inline void int4_limb_rows(const int16_t* hi, const int16_t* lo, const float* inv, const float* xsum, const uint8_t* q,
                            const uint16_t* sc, const uint16_t* mn, int64_t K, int64_t G, float* sums) {
@@ -152,7 +152,8 @@ inline void int4_limb_rows128(const int16_t* hi, const int16_t* lo, const float*
     for (int r = 0; r < RB; ++r) a[r] = b[r] = _mm512_setzero_si512();
     for (int64_t k = g * G; k < (g + 1) * G; k += 128) {
       __m512i h[4], l[4];
-      for (int j = 0; j < 4; ++j) h[j] = _mm512_loadu_si512(hi + k + 32 * j), l[j] = _mm512_loadu_si512(lo + k + 32 * j);
+      for (int j = 0; j < 4; ++j)
+        h[j] = _mm512_loadu_si512(hi + k + 32 * j), l[j] = _mm512_loadu_si512(lo + k + 32 * j);
       for (int r = 0; r < RB; ++r) {
         const uint8_t* p = q + r * (K / 2) + k / 2;
         _mm_prefetch(reinterpret_cast<const char*>(p) + ahead, _MM_HINT_T0);
@@ -234,7 +235,8 @@ inline void int4_a8_rows(const int8_t* xq, const float* lanes, const float* gsum
         s = _mm512_set1_ps(bf16_to_f32(sc[r * groups + g0]));
       } else {
         const __m128i raw = _mm_maskz_loadu_epi16(gm, sc + r * groups + g0);
-        const __m512 few = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_zextsi128_si256(raw)), 16));
+        const __m512i wide = _mm512_cvtepu16_epi32(_mm256_zextsi128_si256(raw));
+        const __m512 few = _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
         s = _mm512_permutexvar_ps(idx, few);
       }
       acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot), d), s, acc[r]);
