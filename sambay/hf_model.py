@@ -119,11 +119,12 @@ class Phi4FlashForCausalLM(CausalLMMixin, SambaYGenerationMixin, PreTrainedModel
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, config: Phi4FlashConfig | None = None,
                         dtype=None, torch_dtype=None, device_map=None, quantize: str | None = None,
-                        group_size: int | None = None, **kwargs) -> Phi4FlashForCausalLM:
+                        group_size: int | None = None, activations: str | None = None,
+                        **kwargs) -> Phi4FlashForCausalLM:
         """sambay's strict loader (a directory, or a hub id through huggingface_hub). ``config`` (AutoModel
         passes one, with overrides such as ``resid_pdrop=0.1`` applied) must match the weights. ``quantize`` /
-        ``group_size``: sambay's weight-only quantization while loading (a checkpoint saved quantized by sambay loads
-        quantized without them). Arguments that ask for what sambay does not do (transformers' quantizers, GGUF,
+        ``group_size`` / ``activations``: sambay's quantization while loading (a checkpoint saved quantized by sambay
+        loads quantized without them). Arguments that ask for what sambay does not do (transformers' quantizers, GGUF,
         multi-device maps) are TypeErrors unless unset."""
         bad = sorted(k for k in kwargs if k not in _IGNORED and (k not in _UNSET or kwargs[k] not in _UNSET[k]))
         if args or bad:
@@ -139,7 +140,7 @@ class Phi4FlashForCausalLM(CausalLMMixin, SambaYGenerationMixin, PreTrainedModel
 
         directory = resolve_checkpoint(pretrained_model_name_or_path)
         lm = from_pretrained(directory, build, dtype=None if dtype == "auto" else dtype, device=device,
-                             quantize=quantize, group_size=group_size)
+                             quantize=quantize, group_size=group_size, activations=activations)
         model = cls(Phi4FlashConfig.from_sambay(lm.config), sambay_model=lm).eval()
         model.config.name_or_path = model.name_or_path = os.fspath(pretrained_model_name_or_path)  # peft reads it
         saved = read_generation_config(directory)
