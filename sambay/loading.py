@@ -231,6 +231,10 @@ def from_pretrained(path, cls, dtype: torch.dtype | str | None = None, device=No
             t = tensor.to(device=device, dtype=_target_dtype(name, target, dtype))
         if check_finite and not ckpt.is_finite(t):
             nonfinite.append(_nonfinite_problem(name, tensor, t, file))
+        if name in buffers and t.dtype == torch.int8 and t.numel() and int(t.min()) < -127:
+            # the int8 format is symmetric, [-127, 127]; the integer kernels negate weights and rely on it
+            raise CheckpointError(f"{file}: {name}: int8 weights must lie in [-127, 127] (sambay's int8 format), "
+                                  f"found {int(t.min())}; the checkpoint was not written by sambay's quantizer")
         if name in dense_in:
             model.get_submodule(module_name).load_weight(t)
             del tensor, t

@@ -416,6 +416,18 @@ def test_save_and_load_round_trip_bit_exactly(tmp_path, weights, group_size, sha
     assert load_file(tmp_path / "again" / "model.safetensors").keys() == set(stored)
 
 
+def test_an_int8_weight_outside_the_symmetric_range_is_refused_by_name(tmp_path):
+    """The int8 format is [-127, 127] (the integer kernels negate weights); -128 in a file is a foreign checkpoint."""
+    model = fixture_model("tiny8", dtype=torch.bfloat16).quantize("int8")
+    model.save_pretrained(tmp_path)
+    f = tmp_path / "model.safetensors"
+    tensors = load_file(f)
+    tensors["model.layers.0.mlp.fc2.qweight"][0, 3] = -128
+    save_file(tensors, f, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"model\.layers\.0\.mlp\.fc2\.qweight.*\[-127, 127\].*found -128"):
+        SambaYForCausalLM.from_pretrained(tmp_path)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("weights, group_size", FORMATS)
 def test_quantizing_while_loading_equals_quantizing_after(weights, group_size, dtype):
