@@ -45,7 +45,9 @@ from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
 
 from sambay.cache import MambaState
 from sambay.config import SambaYConfig
-from sambay.layers import GMU, MLP, Attention as SambaAttention, CrossAttention as SambaCrossAttention, Mamba
+from sambay.layers import GMU, MLP, Mamba
+from sambay.layers import Attention as SambaAttention
+from sambay.layers import CrossAttention as SambaCrossAttention
 from sambay.layers.linear import Linear
 
 
