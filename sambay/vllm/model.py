@@ -288,6 +288,9 @@ class Phi4FlashForCausalLM(nn.Module, HasInnerState, IsHybrid):
             raise ValueError("SambaY in vLLM: expected tensor_parallel_size=1 and pipeline_parallel_size=1 (the "
                              f"plugin runs on one device), got {par.tensor_parallel_size} and "
                              f"{par.pipeline_parallel_size}")
+        if vllm_config.speculative_config is not None:
+            raise ValueError("SambaY in vLLM: speculative decoding is not supported (the Mamba decode step keeps one "
+                             "state per sequence); expected no speculative_config")
         c = sambay_config(vllm_config.model_config.hf_config)
         self.config = c
         self.model = PagedSambaYModel(c, vllm_config, "model" if not prefix else f"{prefix}.model")
