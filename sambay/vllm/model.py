@@ -129,6 +129,9 @@ class PagedMamba(Mamba, MambaBase):
                 out, memory = self(x, None, state, fresh=not initial[r])
                 outs.append(out[0])
                 mems.append(None if memory is None else memory[0])
+        if not outs:  # no scheduled token in this step
+            out = a.new_zeros(0, self.out_proj.weight.shape[0])
+            outs, mems = [out], [a.new_zeros(0, self.d_inner)]
         out = torch.cat(outs) if len(outs) > 1 else outs[0]
         memory = None if not self.memory_producer else (torch.cat(mems) if len(mems) > 1 else mems[0])
         if n < a.shape[0]:  # padding rows (none on CPU): zeros
