@@ -61,6 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="let vLLM compile / capture graphs (default: eager)")
     p.add_argument("--out", default=str(ROOT / "bench-results" / "vllm"))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--report", action="store_true", help="only print the table and plot of --out's results.json")
     args = p.parse_args(argv)
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     if not 0 <= args.variance < 1:
@@ -142,6 +143,12 @@ def close(llm) -> None:
     gc.collect()
 
 
+def save(results: dict, out: Path) -> None:
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=2))
+    os.replace(tmp, out / "results.json")
+
+
 def run(args) -> dict:
     out = Path(args.out)
     dirs = write_configs(args.config, out)
@@ -172,6 +179,7 @@ def run(args) -> dict:
                           f"latency {m['latency_s_median']:7.2f} s", flush=True)
             close(llm)
         results["runs"].append(cells)
+        save(results, out)  # after every run: an interrupted benchmark keeps its finished runs
     return results
 
 
@@ -262,6 +270,16 @@ def plot(results: dict, path: Path) -> Path | None:
     return path
 
 
+def report(out: Path) -> None:
+    """Print the table and write the plot of a results.json (e.g. of an interrupted run)."""
+    results = json.loads((out / "results.json").read_text())
+    text = table(results)
+    print(text)
+    (out / "table.txt").write_text(text + "\n")
+    png = plot(results, out / "throughput_vs_concurrency.png")
+    print(f"\nresults: {out / 'results.json'}" + (f", plot: {png}" if png else " (no matplotlib: no plot)"))
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
@@ -271,16 +289,11 @@ def main(argv=None) -> int:
                            "VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1"}.items():
             os.environ.setdefault(key, value)
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-    results = run(args)
-    out = Path(args.out)
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=2))
-    os.replace(tmp, out / "results.json")
-    text = table(results)
-    print(text)
-    (out / "table.txt").write_text(text + "\n")
-    png = plot(results, out / "throughput_vs_concurrency.png")
-    print(f"\nresults: {out / 'results.json'}" + (f", plot: {png}" if png else " (no matplotlib: no plot)"))
+    if args.report:
+        report(Path(args.out))
+        return 0
+    run(args)
+    report(Path(args.out))
     return 0
 
 
