@@ -53,16 +53,16 @@ MODES = {"chunked": {"chunked": True}, "whole": {"chunked": False}, "yoco": {"ch
 
 @pytest.fixture(scope="module")
 def engines(checkpoint):
-    """mode -> its engine, built on first use and kept for the module (about 1 GB of KV cache each)."""
+    """mode -> its engine, built on first use and kept for the module (about 1 GB of KV cache each). They are
+    closed together at the end: in-process engines share vLLM's distributed state, which closing one tears down."""
     built = {}
 
-    def get(mode):
+    def get(mode, directory=None):
         if mode not in built:
-            built[mode] = engine(checkpoint, **MODES[mode])
+            built[mode] = engine(directory or checkpoint, **MODES.get(mode, {"chunked": False}))
             built[mode].mode = mode
         return built[mode]
 
-    get.close = lambda mode: close(built.pop(mode))
     yield get
     for e in built.values():
         close(e)
@@ -142,7 +142,7 @@ def test_decode_state_bytes_equal_sambay_formula(engines):
         assert total == cache_nbytes(c, 1, L, torch.float32) - L, f"L={L}"
 
 
-def test_released_key_names_match_the_reference_logits(tmp_path):
+def test_released_key_names_match_the_reference_logits(engines, tmp_path):
     """The tiny8 fixture: a checkpoint written by the Hugging Face reference code (the released key names, no
     lm_head, auto_map naming remote code), loaded without trust_remote_code; the prompt logprobs equal the
     reference's logits (fp32)."""
@@ -157,11 +157,8 @@ def test_released_key_names_match_the_reference_logits(tmp_path):
     ref = torch.log_softmax(logits, -1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
     for name in ("config.json", "model.safetensors"):  # vLLM would read the fixture's other .safetensors too
         shutil.copy(fixture / name, tmp_path / name)
-    llm = engine(tmp_path, chunked=False)
-    try:
-        [out] = llm.generate([tokens_prompt(ids)], greedy(1, prompt_logprobs=True), use_tqdm=False)
-    finally:
-        close(llm)
+    llm = engines("tiny8", tmp_path)
+    [out] = llm.generate([tokens_prompt(ids)], greedy(1, prompt_logprobs=True), use_tqdm=False)
     err = (vllm_prompt_logprobs(out) - ref).abs().max().item()
     assert err <= fp32_logprob_tolerance(ref), f"max |vLLM - HF reference| = {err:.3g}"
 
@@ -169,9 +166,8 @@ def test_released_key_names_match_the_reference_logits(tmp_path):
 def test_yoco_refuses_prompt_logprobs(engines):
     """Under the fast prefill the rows before each sequence's last one are never computed: a request for prompt
     logprobs must get an error, never numbers (the server refuses it up front: test_vllm_server.py; offline, vLLM's
-    model runner asserts, which leaves that in-process engine unusable: this test runs last and closes it).
+    model runner asserts, which leaves that in-process engine unusable: this test runs last).
     Without the flag they are exact (test_one_prompt_tokens_and_prompt_logprobs)."""
     llm = engines("yoco")
     with pytest.raises((ValueError, AssertionError), match="kv-sharing-fast-prefill"):
         llm.generate([tokens_prompt(PROMPTS[1])], greedy(2, prompt_logprobs=True), use_tqdm=False)
-    engines.close("yoco")
