@@ -12,7 +12,7 @@ Steps (each recorded, a failure in one does not stop the others):
      against the fp32 CPU reference (no worse than 2x the bf16 twins' error on CUDA, + 1e-2).
   4. the static decode step captured in a CUDA graph and replayed, against the eager step, 8 steps: fp32 logits
      within 1e-5 relative.
-  5. ``benchmarks/bench_gpu.py`` (G1, G2, G3, G6), its JSON included (``--skip-bench`` to leave it out).
+  5. ``benchmarks.bench_gpu`` (G1, G2, G3, G6), its JSON included (``--skip-bench`` to leave it out).
   6. the compile table (G7): every Triton kernel the model launches compiled for sm_80 and sm_90 by
      ``sambay.kernels.compile_check`` (bf16 at the released shapes, no GPU needed; registers, spills, shared
      memory), printed and recorded (``--skip-compile`` to leave it out).
@@ -32,11 +32,9 @@ import warnings
 from importlib import metadata
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from a checkout without installing
-sys.path.insert(0, str(ROOT / "tests"))  # the fixture helpers
+import torch
 
-import torch  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -85,7 +83,7 @@ def _run(model, ids: torch.Tensor, steps: int) -> torch.Tensor:
 
 
 def model_vs_twins() -> dict:
-    from helpers import fixture_model
+    from tests.helpers import fixture_model  # tests/ as a namespace package of the checkout
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -113,9 +111,8 @@ def model_vs_twins() -> dict:
 
 def graph_replay(steps: int = 8) -> dict:
     """The static decode step captured once and replayed, against the eager (dynamic) decode step."""
-    from helpers import fixture_model
-
     from sambay.generation import decode_one_token
+    from tests.helpers import fixture_model  # tests/ as a namespace package of the checkout
 
     torch.backends.cuda.matmul.allow_tf32 = False
     model = fixture_model("tiny8").eval().cuda()
@@ -150,10 +147,10 @@ def graph_replay(steps: int = 8) -> dict:
 def compiled_decode(steps: int = 8) -> dict:
     """sambay.compiled.decode_step (torch.compile, fullgraph, mode reduce-overhead) vs the eager decode step:
     outputs, the compile time, one compilation for every position, and the per-step time ratio."""
-    from helpers import fixture_model
     from torch._dynamo.utils import counters
 
     from sambay.compiled import decode_step
+    from tests.helpers import fixture_model  # tests/ as a namespace package of the checkout
 
     torch.backends.cuda.matmul.allow_tf32 = False
     model = fixture_model("tiny8").eval().cuda()

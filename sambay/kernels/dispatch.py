@@ -133,12 +133,11 @@ def fast_path(family: str, backend: str, tensors: tuple[torch.Tensor, ...],
     check_backend(backend)
     if backend == "torch":
         return None
-    reason = (lambda path: unsupported(path)) if callable(unsupported) else (lambda path: unsupported)
     if family in FAST_PATHS and (on_cuda(*tensors) or (backend == "cuda" and family in _TRITON_FAMILIES
                                                         and triton_interpreter())):
-        return "cuda" if _use_gpu(family, backend, tensors, reason) else None
+        return "cuda" if _use_gpu(family, backend, tensors, unsupported) else None
     if family in CPU_FAST_PATHS and (backend == "auto" or family not in FAST_PATHS):
-        return "cpu" if _use_cpu(family, backend, tensors, reason) else None
+        return "cpu" if _use_cpu(family, backend, tensors, unsupported) else None
     if backend == "auto":
         return None  # CPU tensors: decided here, before any probe or import (compile-safe)
     devices = sorted({str(t.device) for t in tensors})
@@ -147,22 +146,26 @@ def fast_path(family: str, backend: str, tensors: tuple[torch.Tensor, ...],
                        f"({FAST_PATHS[family][0]}), got tensors on {devices}")
 
 
-def _use_gpu(family: str, backend: str, tensors: tuple[torch.Tensor, ...], reason) -> bool:
+def _why(unsupported, path: str) -> str | None:
+    return unsupported(path) if callable(unsupported) else unsupported
+
+
+def _use_gpu(family: str, backend: str, tensors: tuple[torch.Tensor, ...], unsupported) -> bool:
     if backend == "auto":
-        return reason("cuda") is None and probe(family) is None
+        return _why(unsupported, "cuda") is None and probe(family) is None
     # backend == "cuda": the caller insists; say exactly why it cannot run.
     missing = probe(family)
     if missing is not None:
         extra = "install the 'triton' extra" if family in _TRITON_FAMILIES else "pip install 'sambay[cuda]'"
         raise RuntimeError(f"backend='cuda' needs {FAST_PATHS[family][0]} for the {family} ops: {missing}; "
                            f"{extra} or use backend='torch'")
-    why = reason("cuda")
+    why = _why(unsupported, "cuda")
     if why is not None:
         raise RuntimeError(f"backend='cuda': {FAST_PATHS[family][0]} cannot take this {family} call: {why}")
     return True
 
 
-def _use_cpu(family: str, backend: str, tensors: tuple[torch.Tensor, ...], reason) -> bool:
+def _use_cpu(family: str, backend: str, tensors: tuple[torch.Tensor, ...], unsupported) -> bool:
     if backend == "cuda":
         # CUDA tensors of a family without a GPU path (the linears: ATen's cuBLAS; quantized weights: the
         # dequantize-matmul twin) take the twin. CPU tensors under "cuda" are refused like every other family's.
@@ -171,7 +174,7 @@ def _use_cpu(family: str, backend: str, tensors: tuple[torch.Tensor, ...], reaso
             raise RuntimeError(f"backend='cuda' needs CUDA tensors, got tensors on {devices} (the {family} ops' "
                                f"CPU kernels run under backend='auto')")
         return False
-    if any(t.device.type != "cpu" for t in tensors) or reason("cpu") is not None:
+    if any(t.device.type != "cpu" for t in tensors) or _why(unsupported, "cpu") is not None:
         return False
     if torch.compiler.is_compiling() and _CPU_BUILD not in _PROBES:
         # not probed before tracing: a build inside the traced region is not possible; the twin is traced
