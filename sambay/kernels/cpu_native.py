@@ -6,7 +6,7 @@ Building needs a C++ compiler and ninja (torch.utils.cpp_extension); the build t
 machine and torch version and is cached under ``$SAMBAY_CACHE`` (default ``~/.cache/sambay``)``/kernels``. The
 kernels need x86-64 with AVX2 and FMA; each op also has an AVX-512 variant (compiled per function, run only where
 cpuid reports AVX-512 F/BW/VL/DQ + VNNI), chosen per call (``isa="auto"``) or named (``"avx2"``/``"avx512"``).
-Where they cannot be built or run, :func:`probe` says why: the ops fall
+Where they cannot be built or run, :func:`build` says why: the ops fall
 back to their plain-PyTorch twins, with one ``RuntimeWarning`` when a build was tried and failed. The result is
 cached by the dispatcher (:func:`sambay.kernels.dispatch.cpu_probe`).
 

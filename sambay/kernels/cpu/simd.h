@@ -30,8 +30,8 @@ inline float to_f32(int8_t x) { return static_cast<float>(x); }
 
 // load16(p, a, b): 16 consecutive stored values as fp32 in two vectors. bf16 is widened by interleaving with
 // zeros, one instruction per vector, which leaves them in a permuted order: a = [0..3, 8..11], b = [4..7, 12..15].
-// kPermuted<T> says so; the operand they are multiplied with is stored in the same order by the caller
-// (permute16 in the op wrappers), and results indexed by column are un-permuted (unpermute16).
+// Permuted<T> says so; the operand they are multiplied with is laid out in the same order by the caller
+// (vector_part), and results indexed by column are put back in order (swap_lanes in diff_decode).
 template <typename T> struct Permuted { static constexpr bool value = false; };
 template <> struct Permuted<uint16_t> { static constexpr bool value = true; };
 
