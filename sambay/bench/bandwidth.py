@@ -18,7 +18,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -78,28 +77,21 @@ def stream_read_bandwidth(mib: int = 2048, threads: int | None = None, repeats: 
             "simd_bits": lib.sambay_stream_read_width(), "threads": threads}
 
 
-def sum_bandwidth(mib: int = 2048, repeats: int = 5) -> dict:
-    """``torch.sum`` over a ``mib`` MiB fp32 buffer, on torch's threads: the median of ``repeats`` after one."""
-    buf = torch.ones(mib * 2**20 // 4)
-    buf.sum()
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        buf.sum()
-        samples.append(time.perf_counter() - t0)
-    n = buf.numel() * 4
-    return {"method": "torch.sum fp32", "bytes": n, "samples_s": samples,
-            "gb_per_s": n / statistics.median(samples) / 1e9, "best_gb_per_s": n / min(samples) / 1e9,
-            "threads": torch.get_num_threads()}
+def stream_read_or_error(mib: int = 2048, threads: int | None = None, repeats: int = 5) -> dict:
+    """``stream_read_bandwidth``, or ``{"error": why}`` where the read cannot be built or run (no compiler)."""
+    try:
+        return stream_read_bandwidth(mib, threads, repeats)
+    except (RuntimeError, OSError, MemoryError) as e:
+        return {"error": f"{type(e).__name__}: {e}"}
 
 
 def read_bandwidths(mib: int = 2048, threads: int | None = None, repeats: int = 5) -> dict:
-    """Both reads, one buffer alive at a time: {"stream": stream_read_bandwidth or {"error"}, "sum": sum_bandwidth,
-    "floor_gb_per_s": the higher median}. A failed C++ build is reported, not raised: the floor is then torch.sum's."""
-    try:
-        stream = stream_read_bandwidth(mib, threads, repeats)
-    except (RuntimeError, OSError, MemoryError) as e:
-        stream = {"error": f"{type(e).__name__}: {e}"}
+    """Both reads, one buffer alive at a time: {"stream": stream_read_bandwidth or {"error"}, "sum":
+    ``sambay.bench.measure.sum_bandwidth``, "floor_gb_per_s": the higher median}. A failed C++ build is reported, not
+    raised: the floor is then torch.sum's."""
+    from sambay.bench.measure import sum_bandwidth
+
+    stream = stream_read_or_error(mib, threads, repeats)
     s = sum_bandwidth(mib, repeats)
     return {"stream": stream, "sum": s, "floor_gb_per_s": max(s["gb_per_s"], stream.get("gb_per_s", 0.0))}
 
