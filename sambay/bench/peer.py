@@ -8,9 +8,10 @@ random weights and random decode states, against a Phi-4-mini-shaped GGUF with r
 Needs ``gguf`` and ``llama-cpp-python`` built for this CPU (``CMAKE_ARGS="-DGGML_NATIVE=ON" pip install
 llama-cpp-python gguf``; minutes on 2 cores), about 18 GB of RAM for the bf16 pair at 16K, and disk for the GGUFs
 (7.7 + 4.1 + 2.3 GB) and the state files (0.13 GB per 1K positions) in ``--cache-dir``; all are written once and
-reused. Per format pair: llama.cpp loads its GGUF in a worker process (its threads never share a process with
-torch's), sambay builds the model in this one (``SambaYForCausalLM(config, dtype=bfloat16)``, then
-``sambay.quant.quantize_model`` for int8 / int4); at each context both get a decode state (sambay: random;
+reused. sambay's random-weight bf16 checkpoint is built once too (``--sambay-cache-dir``, shared with
+bench_real.py). Per format pair: llama.cpp loads its GGUF in a worker process (its threads never share a process
+with torch's), sambay loads the checkpoint in this one (``from_pretrained(dtype=bfloat16, quantize=None | "int8" |
+"int4")``); at each context both get a decode state (sambay: random;
 llama.cpp: a random sequence-state file), then ``sambay.bench.measure.decode_step_seconds`` times their steps
 interleaved. The read bandwidth (C++ streaming read and ``torch.sum``) is measured at the start and at the end.
 
@@ -22,6 +23,7 @@ OpenMP's default policy (spin briefly, then sleep) unless ``--omp-wait-policy`` 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -55,17 +57,33 @@ def gguf_file(cache: Path, shape: Phi3Shape, fmt: str, threads: int, log=print) 
     return out
 
 
-def sambay_subject(config: dict, variant: str, seed: int = 0):
-    """The released (or given) config with random weights in bf16, quantized in place for int8 / int4."""
+def sambay_checkpoint(config: dict, directory: Path, seed: int = 0, log=print) -> Path:
+    """A bf16 checkpoint of ``config`` with random weights in ``directory``, built once (minutes at the released
+    size: the init pass) and reused while its config.json (written last by ``save_pretrained``) is there and
+    describes the same model. bench_real.py keeps its checkpoint in the same place."""
     from sambay import SambaYConfig, SambaYForCausalLM
-    from sambay.bench.subjects import SambaY
-    from sambay.quant import quantize_model
 
+    want = SambaYConfig.from_dict(config)
+    if (directory / "config.json").is_file():
+        have = SambaYConfig.from_pretrained(directory)
+        plain = have.torch_dtype == "bfloat16" and getattr(have, "quantization_config", None) is None
+        if plain and dataclasses.replace(have, torch_dtype=None) == dataclasses.replace(want, torch_dtype=None):
+            return directory
+        log(f"  {directory}: another config, rebuilding it")
+    t0 = time.perf_counter()
     torch.manual_seed(seed)
-    model = SambaYForCausalLM(SambaYConfig.from_dict(config), dtype=torch.bfloat16)
-    if variant != "bf16":
-        quantize_model(model, variant)
-    return SambaY.from_model(model)
+    SambaYForCausalLM(want, dtype=torch.bfloat16).save_pretrained(directory)
+    log(f"  built the random-weight checkpoint {directory} in {time.perf_counter() - t0:.0f} s")
+    return directory
+
+
+def sambay_subject(checkpoint: Path, variant: str):
+    """The checkpoint loaded as a user would: bf16, or quantized while loading (``quantize="int8"|"int4"``)."""
+    from sambay import SambaYForCausalLM
+    from sambay.bench.subjects import SambaY
+
+    quantize = None if variant == "bf16" else variant
+    return SambaY.from_model(SambaYForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16, quantize=quantize))
 
 
 def run_pair(variant: str, fmt: str, config: dict, shape: Phi3Shape, args, log=print) -> dict:
@@ -80,8 +98,8 @@ def run_pair(variant: str, fmt: str, config: dict, shape: Phi3Shape, args, log=p
     out = {"variant": variant, "format": fmt, "gguf": str(path), "gguf_bytes": path.stat().st_size, "contexts": {}}
     try:
         t0 = time.perf_counter()
-        subject = sambay_subject(config, variant)
-        out["sambay_build_s"] = time.perf_counter() - t0
+        subject = sambay_subject(args.checkpoint, variant)
+        out["sambay_load_s"] = time.perf_counter() - t0
         for n in args.contexts:
             d = decode_step_seconds([subject, peer], 1, n, repeats=args.repeats, steps=args.steps, warmup=args.warmup)
             s, p = d["samples_s"][subject.name], d["samples_s"][peer.name]
@@ -145,6 +163,8 @@ def main(argv=None) -> int:
                    "the environment's)")
     p.add_argument("--bandwidth-mib", type=int, default=2048)
     p.add_argument("--cache-dir", default="~/.cache/sambay/bench-peer", help="GGUFs and state files, kept")
+    p.add_argument("--sambay-cache-dir", default="~/.cache/sambay/bench-real", help="where sambay's random-weight "
+                   "checkpoint is kept (<dir>/<config name>-bf16; bench_real.py's place)")
     p.add_argument("--out", default="bench-peer.json")
     args = p.parse_args(argv)
     if os.environ.get("OMP_WAIT_POLICY", "").upper() == "ACTIVE":
@@ -167,6 +187,9 @@ def main(argv=None) -> int:
                             "threads": args.threads, "llama_omp_wait_policy": args.omp_wait_policy},
                "environment": machine("cpu", args.threads), "llama_cpp": f"llama-cpp-python {llama_cpp.__version__}",
                "bandwidth": [], "pairs": []}
+    name = Path(args.config).parent.name if Path(args.config).name == "config.json" else Path(args.config).stem
+    args.checkpoint = sambay_checkpoint(config, Path(args.sambay_cache_dir).expanduser() / f"{name}-bf16",
+                                        log=lambda m: print(m, file=sys.stderr, flush=True))
     results["bandwidth"].append({"when": "start", **read_bandwidths(args.bandwidth_mib, args.threads)})
     for v in pairs:
         print(f"[{time.strftime('%H:%M:%S')}] {v} vs {PAIRS[v]} ...", file=sys.stderr, flush=True)
