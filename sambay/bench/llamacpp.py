@@ -266,6 +266,25 @@ def quantize_gguf(src: str | Path, dst: str | Path, fmt: str, threads: int) -> P
     return dst
 
 
+_LOG: list = []  # the ctypes log callback, kept alive for the process
+
+
+def quiet_logs(lc) -> None:
+    """llama.cpp's log to stderr from warnings up (its loader prints a line per tensor at INFO)."""
+    if _LOG:
+        return
+    last = [0]
+
+    def log(level: int, text: bytes, _user) -> None:
+        if level != 5:  # GGML_LOG_LEVEL_CONT continues the previous message
+            last[0] = level
+        if last[0] >= 3:  # WARN, ERROR
+            sys.stderr.write(text.decode("utf-8", "replace"))
+
+    _LOG.append(lc.llama_log_callback(log))
+    lc.llama_log_set(_LOG[0], None)
+
+
 class LlamaCpp:
     """A GGUF in llama.cpp, in this process, as a benchmark subject: ``random_decode_state`` loads a
     sequence-state file of ``context`` random positions (written once into ``state_dir``), ``decode_step`` decodes
@@ -276,6 +295,7 @@ class LlamaCpp:
 
     def __init__(self, gguf_path: str | Path, shape: Phi3Shape, threads: int, state_dir: str | Path):
         lc = self.lc = llama_cpp_module()
+        quiet_logs(lc)
         lc.llama_backend_init()
         mp = lc.llama_model_default_params()
         mp.n_gpu_layers = 0

@@ -78,12 +78,21 @@ def sambay_checkpoint(config: dict, directory: Path, seed: int = 0, log=print) -
 
 
 def sambay_subject(checkpoint: Path, variant: str):
-    """The checkpoint loaded as a user would: bf16, or quantized while loading (``quantize="int8"|"int4"``)."""
+    """The checkpoint loaded as a user would: bf16, or quantized while loading (``quantize="int8"|"int4"``) the
+    first time, then saved quantized next to it (``<name>-int4``; minutes saved per run on 2 cores) and loaded from
+    there while it is newer than the bf16 checkpoint."""
     from sambay import SambaYForCausalLM
     from sambay.bench.subjects import SambaY
 
-    quantize = None if variant == "bf16" else variant
-    return SambaY.from_model(SambaYForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16, quantize=quantize))
+    if variant == "bf16":
+        return SambaY.from_model(SambaYForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16))
+    saved = checkpoint.with_name(checkpoint.name.removesuffix("-bf16") + f"-{variant}")
+    if (saved / "config.json").is_file() and \
+            (saved / "config.json").stat().st_mtime_ns > (checkpoint / "config.json").stat().st_mtime_ns:
+        return SambaY.from_model(SambaYForCausalLM.from_pretrained(saved, dtype=torch.bfloat16))
+    model = SambaYForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16, quantize=variant)
+    model.save_pretrained(saved)
+    return SambaY.from_model(model)
 
 
 def run_pair(variant: str, fmt: str, config: dict, shape: Phi3Shape, args, log=print) -> dict:
