@@ -169,6 +169,7 @@ def test_peer_harness_on_tiny_shapes(tmp_path, monkeypatch, capsys):
     config = Path(__file__).resolve().parents[1] / "configs" / "sambay-tiny.json"
     rc = peer.main(["--config", str(config), "--shape", json.dumps(dataclasses.asdict(TINY)), "--contexts", "8,32",
                     "--repeats", "2", "--warmup", "1", "--bandwidth-mib", "16", "--cache-dir", str(tmp_path / "c"),
+                    "--sambay-cache-dir", str(tmp_path / "s"),
                     "--out", str(out)])
     assert rc == 0
     res = json.loads(out.read_text())
@@ -178,6 +179,8 @@ def test_peer_harness_on_tiny_shapes(tmp_path, monkeypatch, capsys):
             c = p["contexts"][n]
             assert len(c["sambay_s"]) == len(c["llama_cpp_s"]) == 2 and c["speed"] > 0
     assert len(res["bandwidth"]) == 2 and "C++ stream read" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["sambay-tiny-bf16", "sambay-tiny-int4",
+                                                                  "sambay-tiny-int8"]  # saved once, reused
 
 
 def test_peer_refuses_active_wait_policy(monkeypatch):
