@@ -173,7 +173,8 @@ def test_peer_harness_on_tiny_shapes(tmp_path, monkeypatch, capsys):
                     "--out", str(out)])
     assert rc == 0
     res = json.loads(out.read_text())
-    assert [p["format"] for p in res["pairs"]] == ["BF16", "Q8_0", "Q4_K_M"]
+    assert [(p["variant"], p["format"]) for p in res["pairs"]] == [
+        ("bf16", "BF16"), ("int8", "Q8_0"), ("int4", "Q4_K_M"), ("int8-a8", "Q8_0"), ("int4-a8", "Q4_K_M")]
     for p in res["pairs"]:
         for n in ("8", "32"):
             c = p["contexts"][n]

@@ -2,7 +2,7 @@
 random weights and random decode states, against a Phi-4-mini-shaped GGUF with random weights in llama.cpp
 (``sambay.bench.llamacpp``), batch 1, the same threads, the decode steps of the two interleaved.
 
-    python -m sambay.bench.peer                                   # bf16/BF16, int8/Q8_0, int4/Q4_K_M at 512, 4K, 16K
+    python -m sambay.bench.peer          # bf16/BF16, int8/Q8_0, int4/Q4_K_M, int8-a8/Q8_0, int4-a8/Q4_K_M: 512, 4K, 16K
     python -m sambay.bench.peer --pairs int4 --contexts 512 --repeats 3    # one pair, one context
 
 Needs ``gguf`` and ``llama-cpp-python`` built for this CPU (``CMAKE_ARGS="-DGGML_NATIVE=ON" pip install
@@ -35,7 +35,8 @@ import torch
 
 from sambay.bench.llamacpp import LlamaCppProcess, Phi3Shape, quantize_gguf, write_phi3_gguf
 
-PAIRS = {"bf16": "BF16", "int8": "Q8_0", "int4": "Q4_K_M"}  # sambay variant -> llama.cpp format
+# sambay variant -> llama.cpp format; "-a8": the same weights with 8-bit activations (sambay.quant.set_activations)
+PAIRS = {"bf16": "BF16", "int8": "Q8_0", "int4": "Q4_K_M", "int8-a8": "Q8_0", "int4-a8": "Q4_K_M"}
 RELEASED = "phi4-mini-flash-reasoning"
 
 
@@ -86,12 +87,16 @@ def sambay_subject(checkpoint: Path, variant: str):
 
     if variant == "bf16":
         return SambaY.from_model(SambaYForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16))
-    saved = checkpoint.with_name(checkpoint.name.removesuffix("-bf16") + f"-{variant}")
+    weights, a8 = variant.removesuffix("-a8"), variant.endswith("-a8")
+    saved = checkpoint.with_name(checkpoint.name.removesuffix("-bf16") + f"-{weights}")
     if (saved / "config.json").is_file() and \
             (saved / "config.json").stat().st_mtime_ns > (checkpoint / "config.json").stat().st_mtime_ns:
-        return SambaY.from_model(SambaYForCausalLM.from_pretrained(saved, dtype=torch.bfloat16))
-    model = SambaYForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16, quantize=variant)
-    model.save_pretrained(saved)
+        model = SambaYForCausalLM.from_pretrained(saved, dtype=torch.bfloat16)
+    else:
+        model = SambaYForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16, quantize=weights)
+        model.save_pretrained(saved)
+    if a8:
+        model.set_activations("int8")
     return SambaY.from_model(model)
 
 
