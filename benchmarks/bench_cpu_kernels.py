@@ -10,8 +10,9 @@ timed on random weights with one activation row, the call cycling over enough co
 that none is in cache, as in a decode step where each linear's weight was last read a whole token ago. The median
 call time (the formats interleaved) times the number of linears of that shape sums to the linears' share of one
 token. The decode attention is timed at ``--context`` keys with the shared K/V's shape. The read bandwidth is
-``bench_real.sum_bandwidth`` (``torch.sum`` over a ``--bandwidth-mib`` fp32 buffer) at the start and at the end;
-the floors use the higher, as in ``benchmarks.bench_real``.
+``sambay.bench.bandwidth.read_bandwidths`` (a C++ streaming read and ``torch.sum`` over a ``--bandwidth-mib``
+buffer, the same threads) at the start and at the end; the floors use the fastest read, as in
+``benchmarks.bench_real``.
 Prints GB/s per shape and each subject's total as a ratio to its bytes over the bandwidth: near 1, the kernel
 streams at the memory's speed; above it, arithmetic or access patterns bound it. Subjects: sambay's kernels as
 "auto" picks them (AVX-512 where the CPU has it) and their AVX2 variants ("... avx2"); ATen's ``F.linear`` (bf16),
@@ -31,7 +32,8 @@ import time
 import torch
 
 from sambay import SambaYConfig, SambaYForCausalLM
-from sambay.bench import load_config, sum_bandwidth
+from sambay.bench import load_config
+from sambay.bench.bandwidth import describe, read_bandwidths
 from sambay.bench.timing import interleaved, median
 from sambay.kernels.dispatch import cpu_probe
 from sambay.kernels.linear import ref as quant_ref
@@ -165,9 +167,9 @@ def main(argv=None) -> int:
         print(f"bench_cpu_kernels: the CPU kernels are not available: {reason}")
         return 1
     config = SambaYConfig.from_dict(load_config(args.config))
-    start = sum_bandwidth(args.bandwidth_mib)["gb_per_s"]
-    print(f"bench_cpu_kernels: {args.config}, {args.threads} threads; read bandwidth (torch.sum fp32) at the start "
-          f"{start:.1f} GB/s")
+    first = read_bandwidths(args.bandwidth_mib, args.threads)
+    start = first["floor_gb_per_s"]
+    print(f"bench_cpu_kernels: {args.config}, {args.threads} threads; read bandwidth at the start: {describe(first)}")
     totals: dict[str, float] = collections.defaultdict(float)
     total_bytes: dict[str, int] = collections.defaultdict(int)
     missing: dict[str, list] = collections.defaultdict(list)  # subject -> the shapes it cannot take
@@ -182,9 +184,11 @@ def main(argv=None) -> int:
             total_bytes[f] += r["bytes"][f] * count
             cells.append(f"{f} {1e6 * sec:.0f} us ({r['bytes'][f] / sec / 1e9:.1f} GB/s)")
         print(f"  ({n:6d}, {k:5d}) x{count:3d}: " + " | ".join(cells))
-    end = sum_bandwidth(args.bandwidth_mib)["gb_per_s"]
+    last = read_bandwidths(args.bandwidth_mib, args.threads)
+    end = last["floor_gb_per_s"]
     bandwidth = max(start, end)
-    print(f"the linears of one token (floors at the higher of the read bandwidths, {start:.1f} and {end:.1f} GB/s):")
+    print(f"read bandwidth at the end: {describe(last)}")
+    print(f"the linears of one token (floors at the higher of the fastest reads, {start:.1f} and {end:.1f} GB/s):")
     for f in SUBJECTS:
         if f not in totals or missing.get(f):
             if missing.get(f):

@@ -17,8 +17,9 @@ config. Then one process per model, one model alive at a time, ``--threads`` tor
 - phi3: built on the meta device and filled in place with random values (no init pass, no second copy), then the
   same measurements, decoding from a ``StaticCache`` with random K/V (``sambay.bench.subjects.Phi3``).
 - the read bandwidth, here in the parent between workers, at the start and at the end: the median of 5 ``torch.sum``
-  over a ``--bandwidth-mib`` fp32 buffer (and, for reference, a bf16 matrix-vector product over half as many
-  bytes). A decode step's floor is its weight bytes over the higher of the two ``torch.sum`` bandwidths.
+  over a ``--bandwidth-mib`` fp32 buffer, the C++ streaming read of ``sambay.bench.bandwidth`` over as many bytes
+  (and, for reference, a bf16 matrix-vector product over half as many bytes). A decode step's floor is its weight
+  bytes over the highest of the ``torch.sum`` and C++ bandwidths.
 
 Prefill at n tokens is measured by default as the last ``--prefill-chunk`` (256) tokens of an n-token prompt, after a
 random state of n - 256 positions (``sambay.bench.measure.prefill_chunk_seconds``): the same weights and attention
@@ -480,15 +481,23 @@ def longer_prefills(results: dict, variants: list[str], prompts: list[int], budg
 def measure_bandwidth(args, when: str, start: float) -> dict:
     """In this process (no model is alive here; the buffers are freed before the next worker starts)."""
     r = {"when": when, **bandwidth(args.bandwidth_mib)}
-    log(f"[{time.perf_counter() - start:6.1f}s] read bandwidth ({when}): torch.sum fp32 "
-        f"{r['sum_fp32']['gb_per_s']:.1f} GB/s, bf16 matrix-vector {r['gemv_bf16']['gb_per_s']:.1f} GB/s")
+    log(f"[{time.perf_counter() - start:6.1f}s] read bandwidth ({when}): C++ stream read "
+        f"{_gbs(r['stream_cpp'])}, torch.sum fp32 {r['sum_fp32']['gb_per_s']:.1f} GB/s, bf16 matrix-vector "
+        f"{r['gemv_bf16']['gb_per_s']:.1f} GB/s")
     return r
+
+
+def _gbs(r: dict) -> str:
+    return f"{r['gb_per_s']:.1f} GB/s" if "gb_per_s" in r else f"not measured ({r.get('error')})"
 
 
 def summarize_bandwidth(bw: list[dict]) -> dict:
     sums = [r["sum_fp32"]["gb_per_s"] for r in bw]
-    return {"runs": bw, "sum_fp32_gb_per_s": sums, "gemv_bf16_gb_per_s": [r["gemv_bf16"]["gb_per_s"] for r in bw],
-            "floor_gb_per_s": max(sums)}  # the higher: the floor is the fastest a step could physically be
+    streams = [r.get("stream_cpp", {}).get("gb_per_s") for r in bw]
+    return {"runs": bw, "sum_fp32_gb_per_s": sums, "stream_cpp_gb_per_s": streams,
+            "gemv_bf16_gb_per_s": [r["gemv_bf16"]["gb_per_s"] for r in bw],
+            # the fastest read measured: the floor is the fastest a step could physically be
+            "floor_gb_per_s": max(sums + [x for x in streams if x is not None])}
 
 
 def derive(results: dict) -> None:
@@ -626,8 +635,10 @@ def report(results: dict) -> str:
              f"{s.get('worker_omp_wait_policy')}); {env.get('cpu')} ({env.get('cpu_count')} "
              f"CPUs); torch {env.get('torch')}, transformers {env.get('transformers')}; load average "
              f"{env.get('loadavg_start')} -> {env.get('loadavg_end')}",
-             "read bandwidth: torch.sum fp32 " + ", ".join(f"{x:.1f}" for x in bw["sum_fp32_gb_per_s"])
-             + " GB/s (start, end; the floor uses the higher), bf16 matrix-vector "
+             "read bandwidth (start, end; the floor uses the highest): C++ stream read "
+             + ", ".join("-" if x is None else f"{x:.1f}" for x in bw.get("stream_cpp_gb_per_s", []))
+             + " GB/s, torch.sum fp32 " + ", ".join(f"{x:.1f}" for x in bw["sum_fp32_gb_per_s"])
+             + " GB/s, bf16 matrix-vector "
              + ", ".join(f"{x:.1f}" for x in bw["gemv_bf16_gb_per_s"]) + " GB/s"]
     ck = results.get("checkpoint")
     if ck:

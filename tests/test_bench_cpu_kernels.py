@@ -36,3 +36,4 @@ def test_bench_cpu_kernels_on_the_tiny_config():
     for fmt in ("bf16", "int8", "int4"):
         assert f"  {fmt}: " in out and "x the floor" in out
     assert "decode attention at 64 keys (avx2):" in out
+    assert out.count("C++ stream read") == 2 and out.count("torch.sum fp32") == 2  # both reads, start and end

@@ -254,10 +254,14 @@ def load_peak_rss(config: dict, threads: int = 1) -> dict:
 
 # ------------------------------------------------------------------------------------------ read bandwidth
 def bandwidth(mib: int, repeats: int = 5) -> dict:
-    """Read bandwidth: the median of ``repeats`` ``torch.sum`` over a ``mib`` MiB fp32 buffer, and (a second
-    method) a bf16 matrix-vector product over a ``mib / 2`` MiB weight matrix, as a decode step's matmuls do.
-    One buffer at a time."""
-    return {"sum_fp32": sum_bandwidth(mib, repeats), "gemv_bf16": _gemv_bandwidth(mib // 2, repeats)}
+    """Read bandwidth: the median of ``repeats`` ``torch.sum`` over a ``mib`` MiB fp32 buffer, the C++ streaming
+    read of :mod:`sambay.bench.bandwidth` over as many bytes on torch's thread count (``{"error"}`` where it cannot
+    be built), and (for reference) a bf16 matrix-vector product over a ``mib / 2`` MiB weight matrix, as a decode
+    step's matmuls do. One buffer at a time."""
+    from sambay.bench.bandwidth import stream_read_or_error
+
+    return {"sum_fp32": sum_bandwidth(mib, repeats), "stream_cpp": stream_read_or_error(mib, None, repeats),
+            "gemv_bf16": _gemv_bandwidth(mib // 2, repeats)}
 
 
 def sum_bandwidth(mib: int, repeats: int = 5) -> dict:
