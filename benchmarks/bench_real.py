@@ -548,10 +548,11 @@ OPS = {"<=": operator.le, ">=": operator.ge}
 
 
 def judge(results: dict) -> list[dict]:
-    """R1-R6 (batch 1), their bounds from benchmarks.targets. Each target has one or two parts (ratio, op, bound);
-    it PASSes when every part does, else it is MISSED. Measured at other sizes than the ones it names (another
-    config, other contexts/prompts, another baseline shape): NOT MEASURED AT TARGET SIZE, with what it would be;
-    a part that could not be measured: NOT MEASURED."""
+    """R1-R6 (batch 1), numbered as docs/PERFORMANCE.md, their bounds from benchmarks.targets. Each target has one
+    or two parts (ratio, op, bound); it PASSes when every part does, else it is MISSED. R5 (loading) is the load's
+    RSS growth over the loaded model's bytes (parameters and buffers), of the worst sambay variant this run loaded.
+    Measured at other sizes than the ones it names (another config, other contexts/prompts, another baseline shape):
+    NOT MEASURED AT TARGET SIZE, with what it would be; a part that could not be measured: NOT MEASURED."""
     s = results["settings"]
     steps = {v: _steps(results, v) for v in VARIANTS}
     ctx = sorted(set().union(*(d.keys() for d in steps.values()))) or [0]
@@ -576,36 +577,46 @@ def judge(results: dict) -> list[dict]:
             return f"{v}: {m.get('status')} ({m.get('reason')})"
         return f"{v}: {what} not measured"
 
+    # R5: every sambay variant this run loaded, judged by the worst (the most RSS growth per byte of model)
+    loads = {v: m["load"]["rss_growth"] / m["weights"]["model_bytes"] for v in ("bf16", "int8", "int4")
+             if (m := results["models"].get(v, {})).get("status") == "ok" and "load" in m and "weights" in m}
+    worst = max(loads, key=loads.get) if loads else None
     rows = [
-        ("R1", f"sambay bf16 decode step, context {long} / {short}", {"bf16": [short, long]},
-         [(div(step("bf16", long), step("bf16", short)), "r1_long_over_short")], {"short": short, "long": long}),
-        ("R2", f"Phi3 bf16 decode step / sambay bf16, context {long}", {"bf16": [long], "phi3": [long]},
-         [(div(step("phi3", long), step("bf16", long)), "r2_phi3_over_bf16")], {"long": long}),
-        ("R3", f"sambay bf16 decode step / its floor, context {short}", {"bf16": [short]},
-         [(div(step("bf16", short), floors["bf16"]), "r3_bf16_over_floor")], {"short": short}),
-        ("R4", f"bf16 step / int8 step, and int8 step / its floor, context {short}", {"bf16": [short], "int8": [short]},
-         [(div(step("bf16", short), step("int8", short)), "r4_bf16_over_int8"),
-          (div(step("int8", short), floors["int8"]), "r4_int8_over_floor")], {"short": short}),
-        ("R5", f"bf16 step / int4 step, and int4 step / its floor, context {short}", {"bf16": [short], "int4": [short]},
-         [(div(step("bf16", short), step("int4", short)), "r5_bf16_over_int4"),
-          (div(step("int4", short), floors["int4"]), "r5_int4_over_floor")], {"short": short}),
-        ("R6", f"prefill tokens/s, sambay bf16 / Phi3, {prompt} tokens", {},
-         [(div(pre["bf16"].get(prompt), pre["phi3"].get(prompt)), "r6_prefill_vs_phi3")], {"prompt": prompt}),
+        ("R1", f"sambay bf16 decode step / its floor, context {short}", {"bf16": [short]},
+         [(div(step("bf16", short), floors["bf16"]), "r1_bf16_over_floor")], {"short": short}),
+        ("R2", f"bf16 step / int8 step, and int8 step / its floor, context {short}", {"bf16": [short], "int8": [short]},
+         [(div(step("bf16", short), step("int8", short)), "r2_bf16_over_int8"),
+          (div(step("int8", short), floors["int8"]), "r2_int8_over_floor")], {"short": short}),
+        ("R3", f"bf16 step / int4 step, and int4 step / its floor, context {short}", {"bf16": [short], "int4": [short]},
+         [(div(step("bf16", short), step("int4", short)), "r3_bf16_over_int4"),
+          (div(step("int4", short), floors["int4"]), "r3_int4_over_floor")], {"short": short}),
+        ("R4", f"prefill tokens/s, sambay bf16 / Phi3, {prompt} tokens", {},
+         [(div(pre["bf16"].get(prompt), pre["phi3"].get(prompt)), "r4_prefill_vs_phi3")], {"prompt": prompt}),
+        ("R5", "load RSS growth / the loaded model's bytes, the worst of "
+         + (", ".join(f"{v} {r:.3f}" for v, r in loads.items()) or "no variant"), {},
+         [(loads.get(worst), "r5_rss_growth_over_model")], {}),
+        ("R6", f"sambay bf16 decode step, context {long} / {short}, and Phi3 bf16 / sambay bf16 at {long}",
+         {"bf16": [short, long], "phi3": [long]},
+         [(div(step("bf16", long), step("bf16", short)), "r6_long_over_short"),
+          (div(step("phi3", long), step("bf16", long)), "r6_phi3_over_bf16")], {"short": short, "long": long}),
     ]
     out = []
     for tid, what, needs, keyed, at in rows:
         parts = [(value, T.BY_KEY[key].op, T.BY_KEY[key].bound) for value, key in keyed]
         missing = list(dict.fromkeys(why(v, f"decode at {n}") for v, ns in needs.items() for n in ns
                                      if step(v, n) is None))
-        if tid == "R6":
+        if tid == "R4":
             missing = [why(v, f"prefill at {prompt}") for v in ("bf16", "phi3") if prompt not in pre[v]]
+        if tid == "R5" and not loads:
+            missing = [why(v, "load") for v in ("bf16", "int8", "int4") if v in results["models"]]
+            missing = missing or ["no sambay variant in --variants"]
         if any(p[0] is None for p in parts) and not missing:
             missing = ["no bandwidth measurement (no floor)"]
         passed = None if missing else all(OPS[op](value, bound) for value, op, bound in parts)
         off = [f"config {s['config']} (not {RELEASED})"] if not s["released"] else []
         off += [f"{k} {v} (target: {dict(short=SHORT, long=LONG, prompt=PROMPT)[k]})" for k, v in at.items()
                 if v != dict(short=SHORT, long=LONG, prompt=PROMPT)[k]]
-        if tid in ("R2", "R6") and s["phi3_shape"] != "phi4-mini":
+        if tid in ("R4", "R6") and s["phi3_shape"] != "phi4-mini":
             off.append(f"baseline shape {s['phi3_shape']} (target: phi4-mini)")
         side = T.PASS if passed else T.MISSED
         verdict = T.NOT_MEASURED if missing else f"{T.NOT_AT_SIZE} (would be {side})" if off else side

@@ -85,10 +85,13 @@ def test_bench_real_end_to_end_on_the_tiny_config(tmp_path, bench_real):
         line = next(ln for ln in proc.stdout.splitlines() if ln.strip().startswith(t["id"] + " "))
         assert t["verdict"] in line
     judged = {t["id"]: t for t in r["targets"]}
-    for tid in ("R1", "R2", "R3", "R6"):  # measured, but at the tiny size: not a verdict on the targets
+    for tid in ("R1", "R4", "R5", "R6"):  # measured, but at the tiny size: not a verdict on the targets
         assert judged[tid]["verdict"].startswith("NOT MEASURED AT TARGET SIZE (would be "), judged[tid]
-    assert judged["R5"]["verdict"] == "NOT MEASURED"  # int4 was not asked for
-    assert judged["R4"]["verdict"].startswith("NOT MEASURED AT TARGET SIZE" if quantized else "NOT MEASURED")
+    assert judged["R3"]["verdict"] == "NOT MEASURED"  # int4 was not asked for
+    assert judged["R2"]["verdict"].startswith("NOT MEASURED AT TARGET SIZE" if quantized else "NOT MEASURED")
+    loads = {v: r["models"][v]["load"]["rss_growth"] / r["models"][v]["weights"]["model_bytes"]
+             for v in variants if v != "phi3"}
+    assert judged["R5"]["parts"][0]["value"] == pytest.approx(max(loads.values()))
 
     config = json.loads(TINY.read_text())
     directory = Path(r["checkpoint"]["dir"])
@@ -105,8 +108,8 @@ def test_bench_real_rejects_bad_arguments(bench_real, capsys):
 
 
 # ------------------------------------------------------------------------------------------------- the pieces
-def _results(released=True, steps=None, floors=None, prefill=None, shape="phi4-mini"):
-    """The parts of a results dict that judge() reads."""
+def _results(released=True, steps=None, floors=None, prefill=None, shape="phi4-mini", loads=None):
+    """The parts of a results dict that judge() reads. loads: variant -> (RSS growth, model bytes)."""
     steps = steps or {}
     models = {}
     for v in ("bf16", "int8", "int4", "phi3"):
@@ -116,6 +119,10 @@ def _results(released=True, steps=None, floors=None, prefill=None, shape="phi4-m
         models[v] = {"status": "ok", "decode": [{"context": n, "median_s": s} for n, s in steps[v].items()],
                      "prefill": [{"tokens": n, "tokens_per_s": t} for n, t in (prefill or {}).get(v, {}).items()],
                      "floor_s": (floors or {}).get(v)}
+        if v in (loads or {}):
+            growth, model_bytes = loads[v]
+            models[v]["load"] = {"rss_growth": growth}
+            models[v]["weights"] = {"model_bytes": model_bytes}
     return {"settings": {"config": "phi4-mini-flash-reasoning" if released else "sambay-scaled-cpu",
                          "released": released, "phi3_shape": shape}, "models": models}
 
@@ -126,28 +133,47 @@ def test_targets_pass_and_fail_at_the_sizes_they_name(bench_real):
     r = _results(steps=steps, floors={"bf16": 0.33, "int8": 0.17, "int4": 0.07},
                  prefill={"bf16": {512: 20.0, 2048: 15.0}, "phi3": {512: 10.0, 2048: 16.0}})
     got = {t["id"]: t for t in bench_real.judge(r)}
-    assert got["R1"]["verdict"] == "PASS" and got["R1"]["parts"][0]["value"] == pytest.approx(1.1)
-    assert got["R2"]["verdict"] == "PASS" and got["R2"]["parts"][0]["value"] == pytest.approx(1.2 / 0.44)
-    assert got["R3"]["verdict"] == "PASS"  # 0.40 / 0.33 = 1.21
-    assert got["R4"]["verdict"] == "PASS"  # 2.0 >= 1.8 and 1.18 <= 1.3
-    assert got["R5"]["verdict"] == "MISSED"  # 3.33 >= 3, but 0.12 / 0.07 = 1.71 > 1.5
-    assert [p["value"] for p in got["R5"]["parts"]] == [pytest.approx(0.40 / 0.12), pytest.approx(0.12 / 0.07)]
-    assert got["R6"]["verdict"] == "MISSED" and got["R6"]["parts"][0]["value"] == pytest.approx(15 / 16)
+    assert got["R6"]["verdict"] == "PASS"  # 0.44 / 0.40 = 1.1 <= 1.15 and 1.2 / 0.44 = 2.73 >= 2.5
+    assert [p["value"] for p in got["R6"]["parts"]] == [pytest.approx(1.1), pytest.approx(1.2 / 0.44)]
+    assert got["R1"]["verdict"] == "PASS"  # 0.40 / 0.33 = 1.21
+    assert got["R2"]["verdict"] == "PASS"  # 2.0 >= 1.8 and 1.18 <= 1.3
+    assert got["R3"]["verdict"] == "MISSED"  # 3.33 >= 3, but 0.12 / 0.07 = 1.71 > 1.5
+    assert [p["value"] for p in got["R3"]["parts"]] == [pytest.approx(0.40 / 0.12), pytest.approx(0.12 / 0.07)]
+    assert got["R4"]["verdict"] == "MISSED" and got["R4"]["parts"][0]["value"] == pytest.approx(15 / 16)
+    assert got["R5"]["verdict"] == "NOT MEASURED" and got["R5"]["not_measured"]  # no load recorded
+
+
+def test_r5_judges_the_worst_loaded_variant(bench_real):
+    steps = {"bf16": {512: 0.4}, "int8": {512: 0.2}, "int4": {512: 0.12}}
+    r = _results(steps=steps, loads={"bf16": (1.02e9, 1e9), "int8": (0.52e9, 0.5e9), "int4": (0.29e9, 0.3e9)})
+    r5 = {t["id"]: t for t in bench_real.judge(r)}["R5"]
+    assert r5["verdict"] == "PASS" and r5["parts"][0]["value"] == pytest.approx(1.04)  # int8: 1.04 > bf16's 1.02
+    assert (r5["parts"][0]["op"], r5["parts"][0]["bound"]) == ("<=", 1.05) and "int8 1.040" in r5["what"]
+    r = _results(steps=steps, loads={"bf16": (1.02e9, 1e9), "int4": (0.33e9, 0.3e9)})
+    r5 = {t["id"]: t for t in bench_real.judge(r)}["R5"]
+    assert r5["verdict"] == "MISSED" and r5["parts"][0]["value"] == pytest.approx(1.1)  # int4 grew 1.1x its bytes
+    r5 = {t["id"]: t for t in bench_real.judge({**r, "settings": {**r["settings"], "released": False}})}["R5"]
+    assert r5["verdict"] == "NOT MEASURED AT TARGET SIZE (would be MISSED)"
 
 
 def test_targets_off_size_and_unmeasured(bench_real):
     r = _results(released=False, steps={"bf16": {512: 0.4, 32768: 0.5}, "phi3": {512: 0.5, 32768: 1.5}},
                  floors={"bf16": 0.35}, shape="same")
     got = {t["id"]: t for t in bench_real.judge(r)}
-    assert got["R1"]["verdict"] == "NOT MEASURED AT TARGET SIZE (would be MISSED)"  # 1.25 > 1.15
-    assert got["R2"]["verdict"] == "NOT MEASURED AT TARGET SIZE (would be PASS)"  # 3.0
-    assert any("baseline shape same" in o for o in got["R2"]["off_size"])
-    assert got["R4"]["verdict"] == "NOT MEASURED" and "int8: not available" in got["R4"]["not_measured"][0]
-    assert got["R6"]["verdict"] == "NOT MEASURED"
-    r = _results(steps={"bf16": {256: 0.4, 8192: 0.5}})  # the released config at other contexts
+    # R6's two parts: 0.5 / 0.4 = 1.25 > 1.15 (missed), 1.5 / 0.5 = 3.0 >= 2.5 (passed)
+    assert got["R6"]["verdict"] == "NOT MEASURED AT TARGET SIZE (would be MISSED)"
+    assert [p["value"] for p in got["R6"]["parts"]] == [pytest.approx(1.25), pytest.approx(3.0)]
+    assert any("baseline shape same" in o for o in got["R6"]["off_size"])
+    assert got["R2"]["verdict"] == "NOT MEASURED" and "int8: not available" in got["R2"]["not_measured"][0]
+    assert got["R4"]["verdict"] == "NOT MEASURED"
+    r = _results(steps={"bf16": {256: 0.4, 8192: 0.5}, "phi3": {8192: 1.5}})  # the released config, other contexts
     got = {t["id"]: t for t in bench_real.judge(r)}
-    assert got["R1"]["verdict"] == "NOT MEASURED AT TARGET SIZE (would be MISSED)"
-    assert got["R1"]["at"] == {"short": 256, "long": 8192}
+    assert got["R6"]["verdict"] == "NOT MEASURED AT TARGET SIZE (would be MISSED)"
+    assert got["R6"]["at"] == {"short": 256, "long": 8192}
+    r = _results(steps={"bf16": {256: 0.4, 8192: 0.5}})  # a part of R6 without its measurement: not a verdict
+    got = {t["id"]: t for t in bench_real.judge(r)}
+    assert got["R6"]["verdict"] == "NOT MEASURED" and "phi3: not available" in got["R6"]["not_measured"][0]
+    assert got["R6"]["parts"][0]["value"] == pytest.approx(1.25)
 
 
 def test_weight_bytes_per_token_counts_a_tied_head_once_and_the_embedding_row(bench_real):
