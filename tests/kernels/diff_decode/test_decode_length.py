@@ -23,14 +23,6 @@ FP32_TOL = {"rtol": 2e-5, "atol": 2e-5}   # fp32 kernel vs fp32 twin: exp2 vs ex
 B, HQ, G, CAP, D = 2, 8, 2, 200, 16     # R = 2 diff heads per kv pair; 200 slots: ragged last tile
 
 
-@pytest.fixture
-def interp_device(kernel_device):
-    if kernel_device.type == "cpu":
-        ddt = importlib.import_module("sambay.kernels.diff_decode.triton_diff_decode")
-        if type(ddt._split_kernel).__name__ != "InterpretedFunction":
-            pytest.skip("sambay.kernels.diff_decode.triton_diff_decode was imported before TRITON_INTERPRET=1 was set")
-    return kernel_device
-
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)

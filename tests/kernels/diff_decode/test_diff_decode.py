@@ -94,15 +94,6 @@ def test_twin_lam_float_and_tensor_agree():
 
 
 # ------------------------------------------------------------------------------------- kernel vs twin
-@pytest.fixture
-def interp_device(kernel_device):
-    """kernel_device, also checking that *this* module's kernels are interpreted when on the CPU."""
-    if kernel_device.type == "cpu":
-        ddt = importlib.import_module("sambay.kernels.diff_decode.triton_diff_decode")
-        if type(ddt._split_kernel).__name__ != "InterpretedFunction":
-            pytest.skip("sambay.kernels.diff_decode.triton_diff_decode was imported before TRITON_INTERPRET=1 was set")
-    return kernel_device
-
 
 def _kernel(q, k, v, valid, lam, scale, **geometry):
     from sambay.kernels.diff_decode.triton_diff_decode import diff_decode_triton
